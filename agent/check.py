@@ -1,0 +1,100 @@
+"""`meshlens check`: like `linkerd check`, one line per requirement, √ or × with a hint,
+then the attach point each signal would use on this kernel (found by really loading and
+attaching every source, then detaching). Exit status 0 only if the agent can run."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, TextIO
+
+from . import bpf
+from .kernel_features import KernelFeatures
+from .source import AttachChoice, Source
+
+OK, FAIL, WARN = "√", "×", "‼"
+
+
+@dataclass
+class Result:
+    ok: bool
+    text: str
+    hint: str = ""
+    fatal: bool = True
+
+
+def requirement_checks(kf: KernelFeatures) -> List[Result]:
+    caps_hint = "run as root, or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_RESOURCE"
+    results = [
+        Result(kf.is_root, "running with privileges to load BPF programs", caps_hint),
+        Result(kf.btf, "kernel BTF available at /sys/kernel/btf/vmlinux",
+               "CO-RE needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020)"),
+        Result(bool(kf.tracefs), f"tracefs mounted at {kf.tracefs or '/sys/kernel/tracing'}",
+               "mount -t tracefs nodev /sys/kernel/tracing (the Makefile does this)"),
+        Result(kf.bpffs, "bpffs mounted at /sys/fs/bpf", "mount -t bpf bpf /sys/fs/bpf (the Makefile does this)", fatal=False),
+        Result(kf.memlock_bytes == -1 or kf.memlock_bytes >= 64 << 20 or _memcg_accounting(kf),
+               f"locked-memory limit sufficient ({'unlimited' if kf.memlock_bytes == -1 else f'{kf.memlock_bytes >> 20} MiB'})",
+               "ulimit -l unlimited (kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK)", fatal=False),
+    ]
+    missing = [n for n in ("tcpconn", "probe") if not (bpf.OBJ_DIR / f"{n}.bpf.o").exists()]
+    results.append(Result(not missing, "BPF objects shipped with the agent",
+                          f"missing {', '.join(missing)}: run `make bpf` or reinstall meshlens"))
+    results.append(Result(kf.fentry, "fentry/fexit programs allowed",
+                          "not required: tracepoint variants are used instead", fatal=False))
+    results.append(Result(kf.kprobes, "kprobes available", "not required: tracepoint variants are used instead", fatal=False))
+    return results
+
+
+def _memcg_accounting(kf: KernelFeatures) -> bool:
+    major, minor = (int(x) for x in kf.release.split(".")[:2])
+    return (major, minor) >= (5, 11)
+
+
+def attach_results(sources: List[Source]) -> List[Result]:
+    out: List[Result] = []
+    for s in sources:
+        try:
+            s.start()
+            choices: List[AttachChoice] = s.attach_report()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            out.append(Result(False, f"{s.name}: cannot load", str(exc).splitlines()[0]))
+            continue
+        finally:
+            s.stop()
+        for ch in choices:
+            rejected = f" (not {'; '.join(ch.tried)})" if ch.tried else ""
+            if ch.chosen:
+                out.append(Result(True, f"{s.name}/{ch.signal}: {ch.chosen} [{', '.join(ch.programs)}]{rejected}"))
+            else:
+                out.append(Result(False, f"{s.name}/{ch.signal}: no attach point", "; ".join(ch.tried), fatal=ch.required))
+    return out
+
+
+def print_section(title: str, results: List[Result], out: TextIO) -> None:
+    print(title, file=out)
+    print("-" * len(title), file=out)
+    for r in results:
+        mark = OK if r.ok else (FAIL if r.fatal else WARN)
+        print(f"{mark} {r.text}", file=out)
+        if not r.ok and r.hint:
+            print(f"    hint: {r.hint}", file=out)
+    print(file=out)
+
+
+def run_check(out: TextIO, make_sources: Callable[[KernelFeatures], List[Source]],
+              kf: Optional[KernelFeatures] = None) -> int:
+    kf = kf or KernelFeatures.probe()
+    req = requirement_checks(kf)
+    print(f"kernel {kf.release}\n", file=out)
+    print_section("requirements", req, out)
+    fatal = [r for r in req if not r.ok and r.fatal]
+    att: List[Result] = []
+    if not fatal:
+        att = attach_results(make_sources(kf))
+        print_section("attach points", att, out)
+    failed = fatal + [r for r in att if not r.ok and r.fatal]
+    print(f"Status check results are {FAIL if failed else OK}", file=out)
+    return 1 if failed else 0
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0

@@ -1,0 +1,276 @@
+"""The L4 flow table: per-connection state rolled up per (local identity, peer, direction).
+
+Fed by agent/tcp_source.py with kernel facts (open/close events, periodic sweeps of the
+`conns` map, overflow records); read by the exporter through `snapshot()`.
+
+Per connection (keyed by socket pointer + start time, so a reused pointer is a new
+connection) it remembers the counters already credited, so every sweep adds only the delta.
+Connections roll up into a RollupKey. For the peer, outbound connections keep the remote
+address and port; inbound ones keep the remote address and the *local* (server) port: the
+client's ephemeral port would make every connection its own series. Accepted sockets learn
+their process only when the owning process first reads or writes; until then their counts
+wait in the connection record, and they are credited at that point (or at close).
+
+Bounded: at most `max_rollups` keys; new keys beyond that go to one overflow key and are
+counted. Keys without live connections and without updates for `ttl` seconds expire.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+
+OVERFLOW = "__overflow__"
+
+
+@dataclass(frozen=True)
+class RollupKey:
+    direction: str       # outbound | inbound | unknown
+    process: str         # process name (comm); "" when unknown
+    cgroup_id: int
+    netns: int
+    peer_address: str
+    server_port: int     # remote port for outbound, local port for inbound/unknown
+
+
+OVERFLOW_KEY = RollupKey(OVERFLOW, OVERFLOW, 0, 0, OVERFLOW, 0)
+
+
+@dataclass
+class ConnFacts:
+    """What the kernel says about one connection at one moment (cumulative counters)."""
+
+    sk: int
+    start_ns: int
+    direction: str
+    process: str
+    pid: int
+    cgroup_id: int
+    netns: int
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    segs_retrans: int = 0
+    rsts_sent: int = 0
+    rsts_received: int = 0
+    established_ns: int = 0
+    srtt_us: int = 0
+
+
+_COUNTERS = ("bytes_sent", "bytes_received", "segs_retrans", "rsts_sent", "rsts_received")
+
+
+@dataclass
+class Rollup:
+    opened: int = 0
+    closed: int = 0
+    connect_failures: Dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    segs_retrans: int = 0
+    rsts_sent: int = 0
+    rsts_received: int = 0
+    connect_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    rtt: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    active: int = 0
+    last_update: float = 0.0
+
+    def copy(self) -> "Rollup":
+        return Rollup(
+            self.opened, self.closed, dict(self.connect_failures), self.bytes_sent, self.bytes_received,
+            self.segs_retrans, self.rsts_sent, self.rsts_received, self.connect_latency.copy(),
+            self.rtt.copy(), self.duration.copy(), self.active, self.last_update,
+        )
+
+
+@dataclass
+class _Conn:
+    facts: ConnFacts
+    credited: Dict[str, int] = field(default_factory=lambda: {c: 0 for c in _COUNTERS})
+    key: Optional[RollupKey] = None       # None until the local process is known
+    open_pending: bool = False            # an open to credit once the key is known
+    connect_latency_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class FlowSnapshot:
+    rollups: Dict[RollupKey, Rollup]
+    live_connections: int
+    rollup_overflows: int
+    rollups_expired: int
+    max_rollups: int
+
+
+def server_port_of(direction: str, local_port: int, peer_port: int) -> int:
+    if direction == "outbound":
+        return peer_port
+    if direction == "inbound":
+        return local_port
+    return min(local_port, peer_port)  # unknown: the well-known side is usually the smaller
+
+
+class FlowTable:
+    def __init__(
+        self,
+        max_rollups: int = 10_000,
+        ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_rollups = max_rollups
+        self.ttl = ttl
+        self._clock = clock
+        self._conns: Dict[Tuple[int, int], _Conn] = {}
+        self._rollups: Dict[RollupKey, Rollup] = {}
+        self._lock = threading.Lock()
+        self.rollup_overflows = 0
+        self.rollups_expired = 0
+
+    # ---- key handling -----------------------------------------------------------------
+    def _key_for(self, f: ConnFacts) -> Optional[RollupKey]:
+        if f.direction == "inbound" and not f.pid:
+            return None  # accepted socket, owner not seen yet
+        return RollupKey(
+            f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
+            server_port_of(f.direction, f.local_port, f.peer_port),
+        )
+
+    def _rollup(self, key: RollupKey) -> Rollup:
+        r = self._rollups.get(key)
+        if r is None:
+            if len(self._rollups) >= self.max_rollups:
+                self.rollup_overflows += 1
+                key = OVERFLOW_KEY
+                r = self._rollups.get(key)
+            if r is None:
+                r = self._rollups[key] = Rollup()
+        r.last_update = self._clock()
+        return r
+
+    # ---- connection lifecycle ----------------------------------------------------------
+    def _conn(self, f: ConnFacts) -> _Conn:
+        ck = (f.sk, f.start_ns)
+        c = self._conns.get(ck)
+        if c is None:
+            c = self._conns[ck] = _Conn(f)
+        return c
+
+    def _merge_identity(self, c: _Conn, f: ConnFacts) -> None:
+        old = c.facts
+        if f.pid and not old.pid:
+            old.pid, old.process = f.pid, f.process
+        if f.local_port and not old.local_port:
+            old.local_address, old.local_port = f.local_address, f.local_port
+            old.peer_address, old.peer_port = f.peer_address, f.peer_port
+
+    def _credit(self, c: _Conn, f: ConnFacts) -> None:
+        """Add counter deltas since the last credit to the connection's rollup."""
+        self._merge_identity(c, f)
+        if c.key is None:
+            c.key = self._key_for(c.facts)
+            if c.key is None:
+                return
+        r = self._rollup(c.key)
+        if c.open_pending:
+            c.open_pending = False
+            r.opened += 1
+            if c.connect_latency_s is not None:
+                r.connect_latency.observe(c.connect_latency_s)
+        for name in _COUNTERS:
+            now_v = getattr(f, name)
+            delta = now_v - c.credited[name]
+            if delta > 0:
+                setattr(r, name, getattr(r, name) + delta)
+                c.credited[name] = now_v
+
+    def opened(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
+        with self._lock:
+            c = self._conn(f)
+            c.open_pending = True
+            c.connect_latency_s = connect_latency_s
+            self._credit(c, f)
+
+    def update(self, f: ConnFacts) -> None:
+        """A sweep saw this connection alive with these cumulative counters."""
+        with self._lock:
+            self._credit(self._conn(f), f)
+
+    def closed(self, f: ConnFacts, duration_s: float) -> None:
+        with self._lock:
+            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
+            self._merge_identity(c, f)
+            if c.key is None:
+                c.key = self._key_for(c.facts) or self._key_for_unowned(c.facts)
+            self._credit(c, f)
+            r = self._rollup(c.key)
+            r.closed += 1
+            r.duration.observe(duration_s)
+            if f.srtt_us:
+                r.rtt.observe(f.srtt_us / 1e6)
+
+    def _key_for_unowned(self, f: ConnFacts) -> RollupKey:
+        """An accepted connection closed before its process touched it."""
+        return RollupKey(f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
+                         server_port_of(f.direction, f.local_port, f.peer_port))
+
+    def connect_failed(self, f: ConnFacts, reason: str) -> None:
+        with self._lock:
+            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
+            self._merge_identity(c, f)
+            key = self._key_for(c.facts) or self._key_for_unowned(c.facts)
+            c.key = key
+            self._credit(c, f)
+            r = self._rollup(key)
+            r.connect_failures[reason] = r.connect_failures.get(reason, 0) + 1
+
+    def add_unowned(self, f: ConnFacts, **deltas: int) -> None:
+        """Counters that arrived without a tracked connection (overflow records, RSTs to
+        closed ports, SYN-ACK retransmits): credited directly to their rollup."""
+        with self._lock:
+            r = self._rollup(self._key_for_unowned(f))
+            for name, delta in deltas.items():
+                setattr(r, name, getattr(r, name) + delta)
+
+    def forget_missing(self, alive: set, read_ns: int) -> int:
+        """Drop connection records whose kernel entry is gone without a close event (the
+        event was lost); returns how many. `alive` holds the (sk, start_ns) pairs a map read
+        at `read_ns` (CLOCK_MONOTONIC, like bpf_ktime_get_ns) found; connections that
+        started after the read are kept."""
+        with self._lock:
+            gone = [k for k in self._conns if k not in alive and k[1] < read_ns]
+            for k in gone:
+                del self._conns[k]
+            return len(gone)
+
+    # ---- expiry and snapshots ----------------------------------------------------------
+    def expire(self) -> int:
+        with self._lock:
+            live_keys = {c.key for c in self._conns.values() if c.key is not None}
+            cutoff = self._clock() - self.ttl
+            dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and k not in live_keys]
+            for k in dead:
+                del self._rollups[k]
+            self.rollups_expired += len(dead)
+            return len(dead)
+
+    def snapshot(self) -> FlowSnapshot:
+        with self._lock:
+            active: Dict[RollupKey, int] = {}
+            for c in self._conns.values():
+                if c.key is not None:
+                    active[c.key] = active.get(c.key, 0) + 1
+            rollups = {}
+            for k, r in self._rollups.items():
+                copy = r.copy()
+                copy.active = active.get(k, 0)
+                rollups[k] = copy
+            return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups)
+
+    def __len__(self) -> int:
+        return len(self._conns)

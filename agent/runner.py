@@ -1,0 +1,107 @@
+"""The agent's main loop: start the sources, poll their ring buffers, sweep their maps on a
+timer, and build AgentSnapshots for the exporter. One thread owns all kernel reading; the
+exporter's threads only call snapshot().
+
+Sources are listed once, in `default_sources()`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import psutil
+
+from .cgroups import CgroupResolver
+from .kernel_features import KernelFeatures
+from .snapshot import AgentSnapshot, ProcessStats
+from .source import Source
+from .tcp_source import TcpConfig, TcpSource
+
+log = logging.getLogger("meshlens.runner")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    sweep_interval_s: float = 1.0
+    poll_timeout_ms: int = 100
+    tcp: TcpConfig = TcpConfig()
+
+
+def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
+    return [TcpSource(config.tcp, features)]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig = AgentConfig(), sources: Optional[List[Source]] = None,
+                 features: Optional[KernelFeatures] = None) -> None:
+        self.config = config
+        self.features = features or KernelFeatures.probe()
+        self.sources = sources if sources is not None else default_sources(config, self.features)
+        self.cgroups = CgroupResolver()
+        self.sweeps = 0
+        self._started: List[Source] = []
+        self._proc = psutil.Process()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            for s in self.sources:
+                s.start()
+                self._started.append(s)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        while self._started:
+            s = self._started.pop()
+            try:
+                s.stop()
+            except Exception:  # noqa: BLE001 - keep detaching the others
+                log.exception("stopping source %s", s.name)
+
+    def step(self, now: float, last_sweep: float) -> float:
+        """Poll ring buffers once; sweep if due. Returns the time of the last sweep."""
+        rbs = [rb for s in self._started for rb in s.ring_buffers()]
+        per = max(1, self.config.poll_timeout_ms // max(1, len(rbs)))
+        for rb in rbs:
+            rb.poll(per)
+        if now - last_sweep >= self.config.sweep_interval_s:
+            self.sweep()
+            return now
+        return last_sweep
+
+    def sweep(self) -> None:
+        now_ns = time.monotonic_ns()
+        with self._lock:
+            for s in self._started:
+                s.sweep(now_ns)
+            self.sweeps += 1
+
+    def run(self, stop: threading.Event) -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            last = self.step(time.monotonic(), last)
+        self.sweep()  # last numbers before detaching
+
+    def snapshot(self) -> AgentSnapshot:
+        cpu = self._proc.cpu_times()
+        with self._lock:
+            return AgentSnapshot(
+                areas={s.name: s.snapshot() for s in self._started},
+                health={s.name: s.health() for s in self._started},
+                attach={s.name: s.attach_report() for s in self._started},
+                process=ProcessStats(cpu.user, cpu.system, self._proc.memory_info().rss),
+                cgroup_path=self.cgroups.path,
+                sweeps=self.sweeps,
+            )
+
+    def __enter__(self) -> "Agent":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,81 @@
+"""One table of every metric meshlens exports: name, type, help and labels.
+
+The builders (exporter/tcp_metrics.py, exporter/agent_metrics.py, ...) look their families
+up here, so names, help texts and label sets are defined once. Conventions (DESIGN.md §7):
+`meshlens_<area>_<what>_<unit>`, base units, counters end in `_total` on the wire
+(prometheus_client appends it; names here omit it).
+
+Cardinality: every label below is bounded by the flow table's rollup cap (tcp) or by the
+agent's own structure (agent). `network_peer_address` is the most dangerous one: on nodes
+talking to many external clients, the rollup cap (default 10000) turns the excess into one
+`__overflow__` series, counted in meshlens_agent_flow_overflows_total.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+TCP_LABELS: Tuple[str, ...] = ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port")
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: Tuple[str, ...]
+
+    def family(self):
+        cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[self.kind]
+        return cls(self.name, self.help, labels=list(self.labels))
+
+
+def _d(name: str, kind: str, help_: str, labels: Tuple[str, ...]) -> Tuple[str, MetricDef]:
+    return name, MetricDef(name, kind, help_, labels)
+
+
+METRICS: Dict[str, MetricDef] = dict(
+    [
+        # ---- L4 ----
+        _d("meshlens_tcp_connections_opened", "counter", "TCP connections established (active or passive).", TCP_LABELS),
+        _d("meshlens_tcp_connections_closed", "counter", "TCP connections closed.", TCP_LABELS),
+        _d("meshlens_tcp_connections_active", "gauge", "TCP connections currently open and tracked.", TCP_LABELS),
+        _d("meshlens_tcp_connect_failures", "counter",
+           "Active opens that never got established, by reason (refused, timeout, unreachable, aborted, other).",
+           TCP_LABELS + ("reason",)),
+        _d("meshlens_tcp_sent_bytes", "counter", "Payload bytes sent on TCP connections.", TCP_LABELS),
+        _d("meshlens_tcp_received_bytes", "counter", "Payload bytes received on TCP connections.", TCP_LABELS),
+        _d("meshlens_tcp_retransmitted_segments", "counter",
+           "TCP segments retransmitted (segments, not skbs: comparable with RetransSegs).", TCP_LABELS),
+        _d("meshlens_tcp_resets_sent", "counter", "TCP RST segments sent.", TCP_LABELS),
+        _d("meshlens_tcp_resets_received", "counter", "TCP RST segments received.", TCP_LABELS),
+        _d("meshlens_tcp_connect_duration_seconds", "histogram",
+           "Time from SYN sent to connection established (outbound connections).", TCP_LABELS),
+        _d("meshlens_tcp_rtt_seconds", "histogram", "Smoothed round-trip time of each connection at close.", TCP_LABELS),
+        _d("meshlens_tcp_connection_duration_seconds", "histogram", "Lifetime of closed TCP connections.", TCP_LABELS),
+        # ---- the agent itself ----
+        _d("meshlens_agent_events_read", "counter", "Ring-buffer records read by the agent.", ("source", "type")),
+        _d("meshlens_agent_events_lost", "counter",
+           "Kernel records lost or diverted, by reason (ringbuf_full: dropped; map_full: sent as overflow records).",
+           ("source", "reason")),
+        _d("meshlens_agent_kernel_events", "counter", "Kernel-side event counters of each BPF program (calls seen, drops), by counter name.", ("source", "counter")),
+        _d("meshlens_agent_callback_errors", "counter", "Records the agent could not decode or process.", ("source",)),
+        _d("meshlens_agent_map_entries", "gauge", "Entries in a kernel map at the last sweep.", ("source", "map")),
+        _d("meshlens_agent_map_capacity_entries", "gauge", "Maximum entries of a kernel map.", ("source", "map")),
+        _d("meshlens_agent_flow_overflows", "counter",
+           "Flow rollups folded into the __overflow__ series because the rollup cap was reached.", ("source",)),
+        _d("meshlens_agent_flows_expired", "counter", "Idle flow rollups expired after the TTL.", ("source",)),
+        _d("meshlens_agent_flows_live", "gauge", "Connections currently tracked by the flow table.", ("source",)),
+        _d("meshlens_agent_attach_info", "gauge", "Attach point chosen for each signal (value 1).",
+           ("source", "signal", "variant")),
+        _d("meshlens_agent_cpu_seconds", "counter", "CPU time used by the agent process.", ("mode",)),
+        _d("meshlens_agent_resident_memory_bytes", "gauge", "Resident memory of the agent process.", ()),
+        _d("meshlens_agent_sweeps", "counter", "Map sweeps completed.", ()),
+    ]
+)
+
+
+def family(name: str):
+    return METRICS[name].family()

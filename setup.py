@@ -1,0 +1,45 @@
+"""meshlens packaging.
+
+The repository keeps the design card's layout (`agent/`, `exporter/` at the top); installed,
+they become `meshlens.agent` and `meshlens.exporter`. Building the package compiles the BPF
+objects (clang, libbpf headers) and ships them inside `meshlens.agent.bpfobj`, so a node that
+installs the wheel needs neither a compiler nor kernel headers.
+"""
+import glob
+import os
+import subprocess
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildWithBpf(build_py):
+    """Compile bpf/*.bpf.c into agent/bpfobj before collecting package data."""
+
+    def run(self) -> None:
+        if glob.glob(os.path.join(HERE, "bpf", "*.bpf.c")):
+            subprocess.check_call(["make", "-C", HERE, "--no-print-directory", "bpf"])
+        super().run()
+
+
+setup(
+    name="meshlens",
+    version="0.1.0",
+    description="Sidecarless eBPF telemetry agent for Kubernetes: golden signals, service map, tap",
+    python_requires=">=3.9",
+    packages=["meshlens.agent", "meshlens.exporter"],
+    package_dir={"meshlens.agent": "agent", "meshlens.exporter": "exporter"},
+    package_data={"meshlens.agent": ["bpfobj/*.bpf.o"]},
+    install_requires=[
+        "prometheus-client>=0.17",
+        "pyroute2>=0.7",
+        "psutil>=5.9",
+        "grpcio>=1.50",
+        "fastapi>=0.100",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2"]},
+    entry_points={"console_scripts": ["meshlens=meshlens.agent.cli:main"]},
+    cmdclass={"build_py": BuildWithBpf},
+)
