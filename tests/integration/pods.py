@@ -70,6 +70,7 @@ class _Registry:
         self.processes: list[subprocess.Popen] = []
         self.subnets: set[str] = set()
         self.live_cgroups: set[str] = set()
+        self.nodes: list["Node"] = []
 
     def in_use(self, path: str) -> bool:
         """True if path is, or is a parent of, the cgroup of a pod that is still open."""
@@ -86,6 +87,11 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+
+
+def register_process(proc: subprocess.Popen) -> None:
+    """Record a process started outside a pod (e.g. in the root netns) for leftovers()."""
+    _REGISTRY.add("processes", proc)
 
 
 # --------------------------------------------------------------------------- low level helpers
@@ -592,6 +598,7 @@ class Node:
         self._next_host = 2
         self._closed = False
         self._lock = threading.Lock()
+        _REGISTRY.add("nodes", self)
         taken = _host_networks()
         self.ipv4_net = _pick_subnet(_random_v4, taken)
         self.ipv6_net = _pick_subnet(_random_v6, taken)
@@ -658,6 +665,9 @@ class Node:
             pod.close()
         _delete_link_quiet(self.bridge)
         _remove_registered_cgroup_parents()
+        with _REGISTRY.lock:
+            if self in _REGISTRY.nodes:
+                _REGISTRY.nodes.remove(self)
 
     def __enter__(self) -> "Node":
         return self
@@ -719,10 +729,13 @@ def leftovers(everything: bool = False) -> list[str]:
 
 
 def cleanup_leftovers(everything: bool = False) -> list[str]:
-    """Remove what leftovers() reports; return what was found before cleaning."""
+    """Close every node still open, then remove what leftovers() reports; return that report."""
     found = leftovers(everything)
     with _REGISTRY.lock:
+        nodes = list(_REGISTRY.nodes)
         procs = list(_REGISTRY.processes)
+    for node in nodes:
+        node.close()
     for proc in procs:
         stop_process(proc)
     for item in found:
