@@ -27,18 +27,27 @@ def cgroup2_mount() -> Optional[str]:
 
 
 class CgroupResolver:
+    """Resolves ids on demand. A never-seen id triggers a rescan at once (new pods resolve on
+    their first connection, so a series never starts with an empty cgroup label and then
+    changes); ids still unknown after a scan are remembered as such for `negative_ttl`
+    seconds, and scans are at least `min_scan_interval` apart, so a stream of dead ids cannot
+    turn into a stream of tree walks. Paths of deleted cgroups stay cached."""
+
     def __init__(
         self,
         root: Optional[str] = None,
-        rescan_interval: float = 2.0,
+        min_scan_interval: float = 0.05,
+        negative_ttl: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = 100_000,
     ) -> None:
         self.root = root if root is not None else cgroup2_mount()
-        self.rescan_interval = rescan_interval
+        self.min_scan_interval = min_scan_interval
+        self.negative_ttl = negative_ttl
         self._clock = clock
         self._max = max_entries
         self._paths: Dict[int, str] = {}
+        self._unknown: Dict[int, float] = {}
         self._last_scan = float("-inf")
         self._lock = threading.Lock()
         self.scans = 0
@@ -49,24 +58,31 @@ class CgroupResolver:
             return ""
         with self._lock:
             found = self._paths.get(cgroup_id)
-            if found is None and self._clock() - self._last_scan >= self.rescan_interval:
+            if found is not None:
+                return found
+            now = self._clock()
+            if now - self._unknown.get(cgroup_id, float("-inf")) < self.negative_ttl:
+                return ""
+            if now - self._last_scan >= self.min_scan_interval:
                 self._scan()
-                found = self._paths.get(cgroup_id)
-        return found or ""
+            found = self._paths.get(cgroup_id)
+            if found is None:
+                self._unknown[cgroup_id] = now
+                if len(self._unknown) > self._max:
+                    self._unknown.clear()
+            return found or ""
 
     def _scan(self) -> None:
         self._last_scan = self._clock()
         self.scans += 1
-        paths: Dict[int, str] = {}
         root = self.root
         assert root is not None
-        for dirpath, dirnames, _ in os.walk(root):
+        for dirpath, _dirnames, _ in os.walk(root):
             try:
                 ino = os.stat(dirpath).st_ino
             except OSError:
                 continue
-            rel = dirpath[len(root):] or "/"
-            paths[ino] = rel
-            if len(paths) >= self._max:
-                break
-        self._paths = paths
+            self._paths[ino] = dirpath[len(root):] or "/"
+            self._unknown.pop(ino, None)
+        if len(self._paths) > self._max:  # keep the newest scan's view only
+            self._paths = dict(list(self._paths.items())[-self._max:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -131,6 +132,10 @@ class FlowTable:
         self._lock = threading.Lock()
         self.rollup_overflows = 0
         self.rollups_expired = 0
+        # sk -> rollup of connections closed moments ago: a zero-linger close sends its RST
+        # after the kernel has already reported the close.
+        self._recently_closed: "OrderedDict[int, RollupKey]" = OrderedDict()
+        self.recently_closed_cap = 4096
 
     # ---- key handling -----------------------------------------------------------------
     def _key_for(self, f: ConnFacts) -> Optional[RollupKey]:
@@ -208,6 +213,7 @@ class FlowTable:
             if c.key is None:
                 c.key = self._key_for(c.facts) or self._key_for_unowned(c.facts)
             self._credit(c, f)
+            self._remember_closed(f.sk, c.key)
             r = self._rollup(c.key)
             r.closed += 1
             r.duration.observe(duration_s)
@@ -229,11 +235,19 @@ class FlowTable:
             r = self._rollup(key)
             r.connect_failures[reason] = r.connect_failures.get(reason, 0) + 1
 
+    def _remember_closed(self, sk: int, key: RollupKey) -> None:
+        self._recently_closed[sk] = key
+        self._recently_closed.move_to_end(sk)
+        while len(self._recently_closed) > self.recently_closed_cap:
+            self._recently_closed.popitem(last=False)
+
     def add_unowned(self, f: ConnFacts, **deltas: int) -> None:
         """Counters that arrived without a tracked connection (overflow records, RSTs to
-        closed ports, SYN-ACK retransmits): credited directly to their rollup."""
+        closed ports, SYN-ACK retransmits): credited to the connection just closed on the
+        same socket if there is one, else to a rollup built from the record itself."""
         with self._lock:
-            r = self._rollup(self._key_for_unowned(f))
+            key = self._recently_closed.get(f.sk) if f.sk else None
+            r = self._rollup(key or self._key_for_unowned(f))
             for name, delta in deltas.items():
                 setattr(r, name, getattr(r, name) + delta)
 

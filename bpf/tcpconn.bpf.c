@@ -255,6 +255,7 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		}
 		if (os == TCP_SYN_SENT) {
 			tuple_from_state_ctx(&c->tuple, ctx);
+			c->segs_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans); /* SYN retries */
 			emit(ML_EV_CONNECT_FAIL, key, c, BPF_CORE_READ(sk, sk_err), 0);
 		} else {
 			fill_tcp_close_stats(c, sk);
@@ -418,6 +419,12 @@ int handle_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 	}
 	if (sk) {
 		tmp.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+		/* A zero-linger close moves the socket to CLOSE before the RST goes out: the
+		 * agent matches `sk` with the connection it just closed. */
+		if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE) {
+			tmp.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+			fill_task(&tmp);
+		}
 	} else {
 		/* The RST answers this skb: its device's namespace is the socket-less side's. */
 		struct sk_buff *skb = (struct sk_buff *)ctx->skbaddr;
