@@ -146,15 +146,20 @@ class FlowTable:
             server_port_of(f.direction, f.local_port, f.peer_port),
         )
 
+    def _admit(self, key: Optional[RollupKey]) -> Optional[RollupKey]:
+        """The key a connection is credited to: its own, or OVERFLOW_KEY once the cap is
+        reached (decided once per connection, counted once)."""
+        if key is None or key in self._rollups:
+            return key
+        if len(self._rollups) - (OVERFLOW_KEY in self._rollups) >= self.max_rollups:
+            self.rollup_overflows += 1
+            return OVERFLOW_KEY
+        return key
+
     def _rollup(self, key: RollupKey) -> Rollup:
         r = self._rollups.get(key)
         if r is None:
-            if len(self._rollups) >= self.max_rollups:
-                self.rollup_overflows += 1
-                key = OVERFLOW_KEY
-                r = self._rollups.get(key)
-            if r is None:
-                r = self._rollups[key] = Rollup()
+            r = self._rollups[key] = Rollup()
         r.last_update = self._clock()
         return r
 
@@ -178,7 +183,7 @@ class FlowTable:
         """Add counter deltas since the last credit to the connection's rollup."""
         self._merge_identity(c, f)
         if c.key is None:
-            c.key = self._key_for(c.facts)
+            c.key = self._admit(self._key_for(c.facts))
             if c.key is None:
                 return
         r = self._rollup(c.key)
@@ -211,7 +216,7 @@ class FlowTable:
             c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
             self._merge_identity(c, f)
             if c.key is None:
-                c.key = self._key_for(c.facts) or self._key_for_unowned(c.facts)
+                c.key = self._admit(self._key_for(c.facts) or self._key_for_unowned(c.facts))
             self._credit(c, f)
             self._remember_closed(f.sk, c.key)
             r = self._rollup(c.key)
@@ -229,7 +234,7 @@ class FlowTable:
         with self._lock:
             c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
             self._merge_identity(c, f)
-            key = self._key_for(c.facts) or self._key_for_unowned(c.facts)
+            key = c.key or self._admit(self._key_for(c.facts) or self._key_for_unowned(c.facts))
             c.key = key
             self._credit(c, f)
             r = self._rollup(key)
@@ -247,7 +252,7 @@ class FlowTable:
         same socket if there is one, else to a rollup built from the record itself."""
         with self._lock:
             key = self._recently_closed.get(f.sk) if f.sk else None
-            r = self._rollup(key or self._key_for_unowned(f))
+            r = self._rollup(key or self._admit(self._key_for_unowned(f)))
             for name, delta in deltas.items():
                 setattr(r, name, getattr(r, name) + delta)
 

@@ -27,6 +27,10 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPPROTO_TCP 6
 #define MSG_PEEK 2
 
+/* Keeps struct ml_event in the object's BTF (it is only used inside inlined helpers), so the
+ * agent's ctypes mirror can be checked against it. */
+struct ml_event *unused_ml_event __attribute__((unused));
+
 /* Knobs, set by the agent before load. */
 const volatile __u8 emit_retransmit_events = 1;
 

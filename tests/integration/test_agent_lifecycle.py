@@ -1,0 +1,93 @@
+"""The agent's lifecycle on the real kernel: it detaches everything on SIGTERM and SIGINT,
+a crash leaves nothing attached and a restart does not stack a second copy, a second instance
+is refused, and the attach fallback really falls back when the kernel refuses a variant."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshlens.agent.kernel_features import KernelFeatures
+from meshlens.agent.tcp_source import TcpSource
+from tests.integration.agent_proc import MESHLENS, AgentProcess, our_bpf_programs
+from tests.integration.test_tcp_l4 import WORKLOAD, finish, run_json, start_listener
+
+TCP_PROGRAMS = {"handle_set_state", "handle_send_length", "handle_recv_length", "handle_retransmit",
+                "handle_retransmit_synack", "handle_send_reset", "handle_receive_reset"}
+
+
+def tcp_programs() -> list:
+    return [p for p in our_bpf_programs() if p in TCP_PROGRAMS]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_detaches_every_program(sig: int) -> None:
+    before = len(tcp_programs())
+    agent = AgentProcess().start()
+    try:
+        assert len(tcp_programs()) == before + len(TCP_PROGRAMS)
+    finally:
+        code = agent.stop(sig)
+    assert code == 0
+    assert len(tcp_programs()) == before
+
+
+def test_crash_leaves_nothing_and_restart_counts_once(node) -> None:
+    before = len(tcp_programs())
+    crashed = AgentProcess().start()
+    crashed.stop(signal.SIGKILL)
+    assert crashed.exit_code == -signal.SIGKILL
+    assert len(tcp_programs()) == before  # links and programs die with their owner
+
+    srv, cli = node.add_pod("after"), node.add_pod("crash")
+    with AgentProcess() as agent:
+        assert len(tcp_programs()) == before + len(TCP_PROGRAMS)  # exactly one copy attached
+        server = start_listener(srv, "server", "--host", "0.0.0.0", "--port", "8082", "--count", "17",
+                                "--recv", "211", "--send", "0")
+        run_json(cli, "client", "--host", srv.ipv4, "--port", "8082", "--count", "17", "--send", "211")
+        finish(server)
+        out = dict(netns=str(cli.netns_inode), direction="outbound")
+        assert agent.wait_total("meshlens_tcp_connections_closed_total", 17, **out) == 17
+        assert agent.total("meshlens_tcp_sent_bytes_total", **out) == 17 * 211
+
+
+def test_second_instance_is_refused() -> None:
+    with AgentProcess() as first:
+        second = subprocess.run([MESHLENS, "run", "--state-dir", first.state_dir, "--metrics-addr", "127.0.0.1:1"],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "another meshlens agent" in second.stderr
+        assert first.proc.poll() is None  # the first one is unaffected
+
+
+def test_bad_arguments_give_a_clear_error() -> None:
+    res = subprocess.run([MESHLENS, "run", "--sweep-interval", "0"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "--sweep-interval must be positive" in res.stderr
+    res = subprocess.run([MESHLENS, "run", "--metrics-addr", "nonsense"], capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "bad listen address" in res.stderr
+
+
+def test_fallback_when_the_kernel_refuses_the_preferred_variant(monkeypatch) -> None:
+    """Pretend fentry works: the kernel refuses the load and the source falls back to the
+    tracepoints, saying why."""
+    kf = KernelFeatures.probe()
+    monkeypatch.setitem(kf.__dict__, "fentry", True)
+    src = TcpSource(features=kf)
+    src.start()
+    try:
+        bytes_choice = next(c for c in src.attach_report() if c.signal == "tcp_bytes")
+        assert bytes_choice.chosen == "tracepoint"
+        assert any(t.startswith("fentry: load refused") for t in bytes_choice.tried), bytes_choice.tried
+    finally:
+        src.stop()
+
+
+def test_check_reports_each_requirement_and_attach_point() -> None:
+    res = subprocess.run([MESHLENS, "check"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "√ kernel BTF available" in res.stdout
+    assert "√ tcp/tcp_state: tracepoint [handle_set_state]" in res.stdout
+    assert "Status check results are √" in res.stdout

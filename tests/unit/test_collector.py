@@ -1,0 +1,84 @@
+"""The Prometheus collector, on a private registry with synthetic snapshots: names, labels,
+values, histogram buckets, agent health, and the real `promtool check metrics` on the output."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+
+from meshlens.agent.flows import ConnFacts, FlowTable
+from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
+from meshlens.agent.source import AttachChoice, SourceHealth
+from meshlens.exporter.collector import make_registry
+from meshlens.exporter.metrics import METRICS
+
+
+def snapshot_with(table: FlowTable) -> AgentSnapshot:
+    health = SourceHealth(events_read={"open": 3, "close": 2}, events_lost={"ringbuf_full": 0, "map_full": 4},
+                          map_entries={"tcp_conns": 1}, map_capacity={"tcp_conns": 65536},
+                          kernel_counters={"send_calls": 11}, callback_errors=0)
+    return AgentSnapshot(
+        areas={"tcp": table.snapshot()}, health={"tcp": health},
+        attach={"tcp": [AttachChoice("tcp_bytes", "tracepoint", ["a", "b"], ["fentry: refused"])]},
+        process=ProcessStats(1.25, 0.5, 50 << 20), cgroup_path={7: "/kubepods.slice/x.scope"}.get, sweeps=9,
+    )
+
+
+@pytest.fixture
+def registry():
+    t = FlowTable()
+    f = ConnFacts(sk=1, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
+                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80)
+    t.opened(f, 0.0007)
+    t.closed(ConnFacts(**{**f.__dict__, "bytes_sent": 4099, "bytes_received": 613, "srtt_us": 90}), 2.0)
+    t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 2}), "refused")
+    return make_registry(lambda: snapshot_with(t))
+
+
+LABELS = {"direction": "outbound", "process": "curl", "cgroup": "/kubepods.slice/x.scope", "netns": "99",
+          "network_peer_address": "10.0.0.3", "server_port": "80"}
+
+
+def test_tcp_counters_carry_values_and_identity(registry) -> None:
+    assert registry.get_sample_value("meshlens_tcp_sent_bytes_total", LABELS) == 4099
+    assert registry.get_sample_value("meshlens_tcp_received_bytes_total", LABELS) == 613
+    assert registry.get_sample_value("meshlens_tcp_connections_opened_total", LABELS) == 1
+    assert registry.get_sample_value("meshlens_tcp_connections_closed_total", LABELS) == 1
+    assert registry.get_sample_value("meshlens_tcp_connect_failures_total", {**LABELS, "reason": "refused"}) == 1
+
+
+def test_histograms_have_cumulative_buckets(registry) -> None:
+    le = lambda v: {**LABELS, "le": v}  # noqa: E731
+    assert registry.get_sample_value("meshlens_tcp_connect_duration_seconds_bucket", le("0.0005")) == 0
+    assert registry.get_sample_value("meshlens_tcp_connect_duration_seconds_bucket", le("0.001")) == 1
+    assert registry.get_sample_value("meshlens_tcp_connect_duration_seconds_bucket", le("+Inf")) == 1
+    assert registry.get_sample_value("meshlens_tcp_connect_duration_seconds_sum", LABELS) == pytest.approx(0.0007)
+    assert registry.get_sample_value("meshlens_tcp_rtt_seconds_bucket", le("0.0001")) == 1
+    assert registry.get_sample_value("meshlens_tcp_connection_duration_seconds_count", LABELS) == 1
+
+
+def test_agent_health_is_exported(registry) -> None:
+    assert registry.get_sample_value("meshlens_agent_events_lost_total", {"source": "tcp", "reason": "map_full"}) == 4
+    assert registry.get_sample_value("meshlens_agent_events_read_total", {"source": "tcp", "type": "open"}) == 3
+    assert registry.get_sample_value("meshlens_agent_map_capacity_entries", {"source": "tcp", "map": "tcp_conns"}) == 65536
+    assert registry.get_sample_value("meshlens_agent_attach_info",
+                                     {"source": "tcp", "signal": "tcp_bytes", "variant": "tracepoint"}) == 1
+    assert registry.get_sample_value("meshlens_agent_resident_memory_bytes") == 50 << 20
+    assert registry.get_sample_value("meshlens_agent_cpu_seconds_total", {"mode": "user"}) == 1.25
+
+
+def test_every_metric_follows_the_naming_convention() -> None:
+    for name, d in METRICS.items():
+        assert name.startswith("meshlens_") and not name.endswith("_total"), name
+        if d.kind == "histogram":
+            assert name.endswith("_seconds") or name.endswith("_bytes"), name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_promtool_accepts_the_output(registry) -> None:
+    text = generate_latest(registry)
+    assert b"meshlens_tcp_sent_bytes_total" in text
+    res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert res.returncode == 0, res.stderr.decode() + res.stdout.decode()

@@ -1,0 +1,134 @@
+"""Flow table: delta crediting, identity arriving late, socket reuse, caps, TTL expiry and the
+sweep/close race, all with an injected clock and synthetic kernel facts."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List
+
+import pytest
+
+from meshlens.agent.flows import OVERFLOW_KEY, ConnFacts, FlowTable, RollupKey
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def facts(sk: int = 0xA1, start: int = 10, **kw) -> ConnFacts:
+    base = dict(sk=sk, start_ns=start, direction="outbound", process="curl", pid=42, cgroup_id=7, netns=99,
+                local_address="10.0.0.2", local_port=40001, peer_address="10.0.0.3", peer_port=8080)
+    base.update(kw)
+    return ConnFacts(**base)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def only(table: FlowTable):
+    (key, roll), = table.snapshot().rollups.items()
+    return key, roll
+
+
+def test_sweeps_credit_only_deltas_and_close_credits_the_rest(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    t.opened(facts(), connect_latency_s=0.0011)
+    t.update(facts(bytes_sent=1000, bytes_received=10))
+    t.update(facts(bytes_sent=1000, bytes_received=10))  # unchanged: nothing added
+    t.update(facts(bytes_sent=4099, bytes_received=613, segs_retrans=3))
+    t.closed(facts(bytes_sent=5003, bytes_received=613, segs_retrans=3, rsts_received=1, srtt_us=250), 1.5)
+    key, r = only(t)
+    assert key == RollupKey("outbound", "curl", 7, 99, "10.0.0.3", 8080)
+    assert (r.opened, r.closed, r.bytes_sent, r.bytes_received, r.segs_retrans, r.rsts_received) == (1, 1, 5003, 613, 3, 1)
+    assert r.connect_latency.count == 1 and r.connect_latency.total == pytest.approx(0.0011)
+    assert r.rtt.count == 1 and r.rtt.total == pytest.approx(0.00025)
+    assert r.duration.count == 1
+    assert len(t) == 0 and r.active == 0
+
+
+def test_inbound_waits_for_its_process_then_credits_everything(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    inbound = facts(direction="inbound", pid=0, process="", local_port=8080, peer_port=51515)
+    t.opened(inbound, None)
+    t.update(replace(inbound, bytes_received=4099))           # still no owner: nothing exported
+    assert t.snapshot().rollups == {}
+    t.update(replace(inbound, pid=7, process="nginx", bytes_received=4099, bytes_sent=613))
+    key, r = only(t)
+    assert key.process == "nginx" and key.server_port == 8080 and key.direction == "inbound"
+    assert (r.opened, r.bytes_received, r.bytes_sent, r.active) == (1, 4099, 613, 1)
+
+
+def test_inbound_closed_before_any_owner_is_still_counted(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    inbound = facts(direction="inbound", pid=0, process="", local_port=8080, peer_port=51515)
+    t.opened(inbound, None)
+    t.closed(inbound, 0.01)
+    key, r = only(t)
+    assert (key.process, key.server_port, r.opened, r.closed) == ("", 8080, 1, 1)
+
+
+def test_a_reused_socket_pointer_is_a_new_connection(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    t.opened(facts(start=10), None)
+    t.closed(facts(start=10, bytes_sent=100), 0.1)
+    t.opened(facts(start=20), None)
+    t.closed(facts(start=20, bytes_sent=7), 0.1)
+    _, r = only(t)
+    assert (r.opened, r.closed, r.bytes_sent) == (2, 2, 107)
+
+
+def test_rollup_cap_folds_new_keys_into_overflow(clock: Clock) -> None:
+    t = FlowTable(max_rollups=3, clock=clock)
+    for i in range(5):
+        f = facts(sk=i, peer_address=f"10.0.1.{i}")
+        t.opened(f, None)
+        t.closed(replace(f, bytes_sent=10), 0.1)
+    snap = t.snapshot()
+    assert len(snap.rollups) == 3 + 1  # three real keys and the overflow key
+    assert snap.rollups[OVERFLOW_KEY].closed == 2 and snap.rollups[OVERFLOW_KEY].bytes_sent == 20
+    assert snap.rollup_overflows == 2
+    assert sum(r.closed for r in snap.rollups.values()) == 5  # nothing lost, only folded
+
+
+def test_idle_rollups_expire_after_ttl_but_live_ones_stay(clock: Clock) -> None:
+    t = FlowTable(ttl=60, clock=clock)
+    t.opened(facts(sk=1, peer_address="10.0.0.5"), None)             # stays open
+    t.opened(facts(sk=2, peer_address="10.0.0.6"), None)
+    t.closed(facts(sk=2, peer_address="10.0.0.6"), 0.1)
+    clock.t += 59
+    assert t.expire() == 0
+    clock.t += 2
+    assert t.expire() == 1
+    keys = [k.peer_address for k in t.snapshot().rollups]
+    assert keys == ["10.0.0.5"] and t.rollups_expired == 1
+
+
+def test_forget_missing_keeps_connections_newer_than_the_map_read(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    t.opened(facts(sk=1, start=100), None)
+    t.opened(facts(sk=2, start=300), None)   # started after the read at 200
+    assert t.forget_missing(alive=set(), read_ns=200) == 1
+    assert len(t) == 1
+
+
+def test_rst_after_close_is_credited_to_the_closed_connection(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    f = facts(sk=77, direction="inbound", process="srv", local_port=8081, peer_port=40000)
+    t.opened(f, None)
+    t.closed(f, 0.1)
+    anonymous = facts(sk=77, direction="inbound", process="", pid=0, local_port=8081, peer_port=40000)
+    t.add_unowned(anonymous, rsts_sent=1)
+    key, r = only(t)
+    assert key.process == "srv" and r.rsts_sent == 1
+
+
+def test_unknown_direction_uses_the_lower_port_as_server_port(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    t.update(facts(direction="unknown", local_port=45000, peer_port=5432, bytes_sent=5))
+    key, r = only(t)
+    assert key.server_port == 5432 and r.bytes_sent == 5
