@@ -19,6 +19,7 @@ from .kernel_features import KernelFeatures
 from .snapshot import AgentSnapshot, ProcessStats
 from .source import Source
 from .tcp_source import TcpConfig, TcpSource
+from .http_source import HttpConfig, l7_sources
 
 log = logging.getLogger("meshlens.runner")
 
@@ -28,10 +29,11 @@ class AgentConfig:
     sweep_interval_s: float = 1.0
     poll_timeout_ms: int = 100
     tcp: TcpConfig = TcpConfig()
+    http: HttpConfig = HttpConfig()
 
 
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
-    return [TcpSource(config.tcp, features)]
+    return [TcpSource(config.tcp, features), *l7_sources(config.http, features)]
 
 
 class Agent:
