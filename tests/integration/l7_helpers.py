@@ -1,0 +1,100 @@
+"""Helpers for the L7 integration tests: an in-process HttpSource shared by a test module,
+views of its snapshot filtered to one pod (other tests and developers run traffic on this
+machine concurrently), and client programs run inside pods."""
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Tuple
+
+from meshlens.agent.dns_source import DnsSnapshot
+from meshlens.agent.http_source import HttpSeriesKey, HttpSource, HttpStats
+from meshlens.agent.l7_structs import DURATION_BOUNDS_S, kernel_bucket
+from meshlens.agent.routes import template
+from tests.integration.pods import Pod
+
+Key = Tuple[str, int, str]  # (method, status, route)
+
+
+def settle(src: HttpSource, seconds: float = 0.3) -> None:
+    """Drain the ring buffer and sweep the maps after traffic stopped."""
+    time.sleep(seconds)
+    for rb in src.ring_buffers():
+        rb.poll(50)
+    src.sweep(time.monotonic_ns())
+
+
+def series_for(src: HttpSource, pod: Pod, role: str, port: int = 0) -> Dict[HttpSeriesKey, HttpStats]:
+    out = {}
+    for k, st in src.snapshot().series.items():
+        if k.cgroup_id == pod.cgroup_id and k.netns == pod.netns_inode and k.role == role:
+            if port and k.server_port != port:
+                continue
+            out[k] = st
+    return out
+
+
+def counts_by_request(series: Dict[HttpSeriesKey, HttpStats]) -> Dict[Key, int]:
+    out: Dict[Key, int] = collections.Counter()
+    for k, st in series.items():
+        out[(k.method, k.status, k.route)] += st.count
+    return dict(out)
+
+
+def diff_counts(after: Dict[Key, int], before: Dict[Key, int]) -> Dict[Key, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
+
+
+def log_counts(entries: List[dict], port: int = 80) -> Dict[Key, int]:
+    out: Dict[Key, int] = collections.Counter()
+    for e in entries:
+        if e["server_port"] != port:
+            continue
+        out[(e["request_method"], int(e["status"]), template(e["request_uri"]))] += 1
+    return dict(out)
+
+
+def duration_buckets(series: Dict[HttpSeriesKey, HttpStats], pred: Callable[[HttpSeriesKey], bool]) -> List[int]:
+    counts = [0] * (len(DURATION_BOUNDS_S) + 1)
+    for k, st in series.items():
+        if pred(k):
+            counts = [a + b for a, b in zip(counts, st.duration.counts)]
+    return counts
+
+
+def expand(bucket_counts: List[int]) -> List[int]:
+    """Bucket counts -> sorted list of bucket indexes, one per observation."""
+    return [i for i, n in enumerate(bucket_counts) for _ in range(n)]
+
+
+def request_time_buckets(entries: List[dict]) -> List[int]:
+    return sorted(kernel_bucket(DURATION_BOUNDS_S, e["request_time"]) for e in entries)
+
+
+def run_py(pod: Pod, script: str, *args: str, timeout: float = 60.0) -> str:
+    return pod.run([sys.executable, "-c", script, *args], timeout=timeout).stdout
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def dns_series(snap: DnsSnapshot, pod: Pod) -> Dict:
+    return {k: st for k, st in snap.series.items() if k.cgroup_id == pod.cgroup_id and k.netns == pod.netns_inode}
+
+
+def started_source(**kw) -> Iterator[HttpSource]:
+    from meshlens.agent.http_source import HttpConfig
+
+    src = HttpSource(HttpConfig(**kw))
+    src.start()
+    try:
+        yield src
+    finally:
+        src.stop()

@@ -1,0 +1,210 @@
+"""HTTP/1.x golden signals against ground truth: nginx's access log and wrk's own report.
+
+nginx runs in pod "web", clients in pod "client"; the agent's HTTP source (l7.bpf.c on the
+syscall tracepoints) runs in this process. Every comparison is filtered to the pods' cgroup
+and netns, and taken as a difference over the test, so concurrent traffic on the machine
+cannot leak in.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from meshlens.agent.http_source import HttpSource
+from meshlens.agent.l7_structs import DURATION_BOUNDS_S
+from tests.integration.l7_helpers import (
+    counts_by_request,
+    diff_counts,
+    duration_buckets,
+    expand,
+    log_counts,
+    request_time_buckets,
+    run_py,
+    series_for,
+    settle,
+    started_source,
+)
+from tests.integration.pods import Node
+from tests.integration.servers import Nginx, run_wrk
+
+CLIENT = r'''
+import http.client, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+
+def read_all(s):
+    out = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            return out
+        out += b
+
+c = http.client.HTTPConnection(host, port)
+def req(path, method="GET", body=None, headers=None, **kw):
+    c.request(method, path, body=body, headers=headers or {}, **kw)
+    r = c.getresponse()
+    r.read()
+    return r.status
+
+# keep-alive: many requests, one connection
+for p in ["/status/200"] * 3 + ["/status/201", "/status/204", "/status/204", "/status/301",
+          "/status/404", "/status/404", "/status/500", "/status/503", "/bytes/613",
+          "/bytes/100003", "/bytes/1", "/status/200?x=1&y=2", "/static/index.html"]:
+    req(p)
+req("/static/index.html", "HEAD")
+req("/static/index.html", "HEAD")
+for _ in range(3):
+    req("/delay")
+# a body that looks like a request: Content-Length must carry it
+req("/echo", "POST", body=b"GET /fake HTTP/1.1\r\nHost: x\r\n\r\n")
+# chunked upload whose chunks look like requests
+req("/echo", "POST", body=iter([b"hello ", b"GET /fake2 HTTP/1.1\r\n\r\n", b"world"]), encode_chunked=True)
+c.close()
+
+# a body split over many writes (and reads on the server)
+s = socket.create_connection((host, port))
+body = b"PUT /x HTTP/1.1\r\n" + b"y" * 3000
+s.sendall(b"PUT /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+for i in range(0, len(body), 700):
+    time.sleep(0.02)
+    s.sendall(body[i:i + 700])
+assert read_all(s).startswith(b"HTTP/1.1 200")
+s.close()
+
+# chunked body, chunk headers split across writes
+s = socket.create_connection((host, port))
+s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+for part in (b"1", b"0\r\n0123456789ABCDEF\r", b"\n5;ext=1\r\nGET /\r\n", b"0\r\n", b"\r\n"):
+    time.sleep(0.02)
+    s.sendall(part)
+assert read_all(s).startswith(b"HTTP/1.1 200")
+s.close()
+
+# pipelining: three requests in one write
+s = socket.create_connection((host, port))
+s.sendall(b"GET /status/200 HTTP/1.1\r\nHost: p\r\n\r\n"
+          b"GET /status/404 HTTP/1.1\r\nHost: p\r\n\r\n"
+          b"GET /bytes/613 HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+assert read_all(s).count(b"HTTP/1.1 ") == 3
+s.close()
+
+# 100-continue: the interim response must not end the request
+s = socket.create_connection((host, port))
+data = b"z" * 5000
+s.sendall(b"PUT /upload HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
+          b"Content-Length: %d\r\n\r\n" % len(data))
+first = s.recv(4096)
+assert first.startswith(b"HTTP/1.1 100"), first
+s.sendall(data)
+rest = read_all(s)
+assert b" 201 " in first + rest, first + rest
+s.close()
+
+# HTTP/1.0, no keep-alive
+s = socket.create_connection((host, port))
+s.sendall(b"GET /status/201 HTTP/1.0\r\n\r\n")
+assert read_all(s).startswith(b"HTTP/1.1 201")
+s.close()
+print("done")
+'''
+
+EXPECTED_REQUESTS = 30  # requests CLIENT makes (each one line in nginx's access log)
+
+
+@pytest.fixture(scope="module")
+def l7() -> Iterator[HttpSource]:
+    yield from started_source()
+
+
+@pytest.fixture(scope="module")
+def env(l7):
+    with Node() as node:
+        web = node.add_pod("web")
+        client = node.add_pod("client")
+        with Nginx(web) as nginx:
+            yield node, web, client, nginx
+
+
+def test_requests_match_nginx_access_log(l7, env) -> None:
+    _node, web, client, nginx = env
+    settle(l7, 0.1)
+    before_srv = counts_by_request(series_for(l7, web, "server", 80))
+    before_cli = counts_by_request(series_for(l7, client, "client", 80))
+    n_log = len(nginx.access_log_entries())
+
+    assert run_py(client, CLIENT, web.ipv4, "80").strip() == "done"
+    entries = nginx.access_log_entries(expect=n_log + EXPECTED_REQUESTS)[n_log:]
+    assert len(entries) == EXPECTED_REQUESTS
+    settle(l7)
+
+    srv_series = series_for(l7, web, "server", 80)
+    cli_series = series_for(l7, client, "client", 80)
+    truth = log_counts(entries)
+    assert diff_counts(counts_by_request(srv_series), before_srv) == truth
+    assert diff_counts(counts_by_request(cli_series), before_cli) == truth
+    # every histogram observation is one request
+    for st in list(srv_series.values()) + list(cli_series.values()):
+        assert st.duration.count == st.count == sum(st.duration.counts)
+    # HEAD and 204: no response body; /bytes/100003: exactly that many bytes
+    for k, st in srv_series.items():
+        if k.method == "HEAD" or k.status == 204:
+            assert st.response_body.total == 0 and st.response_body.count == st.count
+        if k.route == "/bytes/{id}":
+            assert st.response_body.count == st.count
+
+
+def test_delay_latency_buckets_and_request_time(l7, env) -> None:
+    _node, web, client, nginx = env
+    settle(l7, 0.1)
+    delay = lambda k: k.route == "/delay"  # noqa: E731
+    srv0 = duration_buckets(series_for(l7, web, "server", 80), delay)
+    cli0 = duration_buckets(series_for(l7, client, "client", 80), delay)
+    n_log = len(nginx.access_log_entries())
+    run_py(client, "import urllib.request, sys\nfor _ in range(5): urllib.request.urlopen(sys.argv[1]).read()",
+           nginx.url + "/delay")
+    entries = nginx.access_log_entries(expect=n_log + 5)[n_log:]
+    settle(l7)
+    srv = [a - b for a, b in zip(duration_buckets(series_for(l7, web, "server", 80), delay), srv0)]
+    cli = [a - b for a, b in zip(duration_buckets(series_for(l7, client, "client", 80), delay), cli0)]
+    assert sum(srv) == sum(cli) == 5
+    # the upstream sleeps 50 ms: every server-side observation is in the bucket that starts at 50 ms
+    i50 = DURATION_BOUNDS_S.index(0.05)
+    assert srv[i50 + 1] == 5, srv
+    # client side: never below 50 ms
+    assert sum(cli[: i50 + 1]) == 0, cli
+    # nginx's $request_time lands in the same bucket or a neighbour
+    ours, theirs = expand(srv), request_time_buckets(entries)
+    assert len(ours) == len(theirs)
+    assert all(abs(a - b) <= 1 for a, b in zip(ours, theirs)), (ours, theirs)
+
+
+def test_ipv6_request(l7, env) -> None:
+    _node, web, client, nginx = env
+    settle(l7, 0.1)
+    before = counts_by_request(series_for(l7, web, "server", 80))
+    run_py(client, "import urllib.request, sys\nurllib.request.urlopen(sys.argv[1]).read()", nginx.url6 + "/status/200")
+    settle(l7)
+    assert diff_counts(counts_by_request(series_for(l7, web, "server", 80)), before) == {("GET", 200, "/status/{id}"): 1}
+    v6 = [k for k in series_for(l7, client, "client", 80) if k.server_address == web.ipv6]
+    assert v6, "client-side series to the IPv6 address"
+
+
+def test_wrk_counts_match_nginx_and_wrk(l7, env) -> None:
+    _node, web, client, nginx = env
+    settle(l7, 0.1)
+    srv0 = counts_by_request(series_for(l7, web, "server", 80))
+    cli0 = counts_by_request(series_for(l7, client, "client", 80))
+    n_log = len(nginx.access_log_entries())
+    res = run_wrk(client, nginx.url + "/status/200", connections=7, duration_s=2)
+    assert res["requests"] > 1000
+    settle(l7, 0.5)
+    entries = nginx.access_log_entries(expect=n_log + res["requests"])[n_log:]
+    srv = diff_counts(counts_by_request(series_for(l7, web, "server", 80)), srv0)
+    cli = diff_counts(counts_by_request(series_for(l7, client, "client", 80)), cli0)
+    key = ("GET", 200, "/status/{id}")
+    # server side equals nginx's log exactly; wrk counts only responses it finished reading
+    assert srv == log_counts(entries) == {key: len(entries)}
+    assert res["requests"] <= cli[key] <= len(entries)
+    print(f"wrk: {res['requests']} requests ({res['rps']:.0f}/s); nginx log {len(entries)}; "
+          f"agent server {srv[key]}, client {cli[key]}")
