@@ -1,0 +1,87 @@
+"""DNS lookups against ground truth: dnsmasq with known records in pod "dns", clients in pod
+"client" (a plain UDP client, and glibc's resolver, which sends A+AAAA with sendmmsg).
+Counts per (question type, response code) must be exact; filtered to the client pod."""
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from typing import Dict, Iterator, Tuple
+
+import pytest
+
+from meshlens.agent.http_source import HttpSource
+from tests.integration.l7_helpers import dns_series, settle, started_source
+from tests.integration.pods import Node
+from tests.integration.servers import Dnsmasq, dns_query
+
+RECORDS = {"web.meshlens.test": ["10.1.2.3"], "db.meshlens.test": ["10.1.2.4", "fd00::4"]}
+
+
+@pytest.fixture(scope="module")
+def l7() -> Iterator[HttpSource]:
+    yield from started_source()
+
+
+@pytest.fixture(scope="module")
+def env(l7):
+    with Node() as node:
+        dns_pod = node.add_pod("dns")
+        client = node.add_pod("client")
+        with Dnsmasq(dns_pod, RECORDS) as dnsmasq:
+            yield dns_pod, client, dnsmasq
+
+
+def counts(l7: HttpSource, pod) -> Dict[Tuple[str, str], int]:
+    out: Dict[Tuple[str, str], int] = collections.Counter()
+    for k, st in dns_series(l7.dns.snapshot(), pod).items():
+        out[(k.question_type, k.response_code)] += st.count
+    return dict(out)
+
+
+def delta(a, b):
+    return {k: n - b.get(k, 0) for k, n in a.items() if n - b.get(k, 0)}
+
+
+def test_udp_client_counts_and_rcodes(l7, env) -> None:
+    dns_pod, client, dnsmasq = env
+    settle(l7, 0.1)
+    before = counts(l7, client)
+    n_log = len(dnsmasq.query_log())
+    asked = [("web.meshlens.test", "A"), ("web.meshlens.test", "A"), ("db.meshlens.test", "A"),
+             ("db.meshlens.test", "AAAA"), ("web.meshlens.test", "AAAA"), ("nope.meshlens.test", "A"),
+             ("nope.meshlens.test", "AAAA")]
+    replies = [dns_query(client, dns_pod.ipv4, name, qtype) for name, qtype in asked]
+    settle(l7)
+    assert [r["rcode"] for r in replies] == ["NOERROR"] * 5 + ["NXDOMAIN"] * 2
+    assert delta(counts(l7, client), before) == {("A", "NoError"): 3, ("AAAA", "NoError"): 2,
+                                                  ("A", "NXDomain"): 1, ("AAAA", "NXDomain"): 1}
+    assert len(dnsmasq.query_log()) - n_log == len(asked)
+    # answers: db has one A and one AAAA, web one A, web AAAA is NODATA
+    series = dns_series(l7.dns.snapshot(), client)
+    answers = {(k.question_name, k.question_type): st.answers for k, st in series.items()}
+    assert answers[("db.meshlens.test.", "AAAA")] >= 1
+    assert answers[("web.meshlens.test.", "AAAA")] == 0
+    assert all(k.server_port == 53 and k.server_address == dns_pod.ipv4 for k in series)
+    assert all(st.duration.count == st.count for st in series.values())
+
+
+def test_glibc_resolver_sendmmsg(l7, env) -> None:
+    """getent ahosts -> getaddrinfo(AF_UNSPEC): glibc sends A and AAAA in one sendmmsg."""
+    dns_pod, client, _dnsmasq = env
+    settle(l7, 0.1)
+    before = counts(l7, client)
+    tmp = tempfile.mkdtemp(prefix="meshlens-resolv-")
+    try:
+        conf = os.path.join(tmp, "resolv.conf")
+        with open(conf, "w") as f:
+            f.write(f"nameserver {dns_pod.ipv4}\noptions timeout:2 attempts:1\n")
+        script = f"mount --bind {conf} /etc/resolv.conf && getent ahosts db.meshlens.test; getent ahosts nope.meshlens.test; true"
+        out = client.run(["unshare", "-m", "sh", "-c", script], timeout=30).stdout
+    finally:
+        os.unlink(conf)
+        os.rmdir(tmp)
+    assert "10.1.2.4" in out
+    settle(l7)
+    got = delta(counts(l7, client), before)
+    assert got == {("A", "NoError"): 1, ("AAAA", "NoError"): 1, ("A", "NXDomain"): 1, ("AAAA", "NXDomain"): 1}, got
