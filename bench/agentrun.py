@@ -1,0 +1,134 @@
+"""The agent under test: start it in a mode, read what it attached, its CPU/RSS, and the
+kernel-side run time of its own BPF programs.
+
+Modes: "l4" runs the real CLI restricted to the `tcp` source (bench/agent_launch.py);
+"full" runs `meshlens run` exactly as shipped (whatever `default_sources()` returns).
+Kernel cost is read from /proc/<agent>/fdinfo of the agent's BPF program fds (prog_id,
+run_time_ns, run_cnt), so programs of other agents on the machine are never mixed in.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from tests.integration.agent_proc import AgentProcess
+
+LAUNCHER = str(Path(__file__).with_name("agent_launch.py"))
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def default_source_names() -> List[str]:
+    """Names of the sources `meshlens run` would start on this kernel (nothing is loaded)."""
+    from meshlens.agent.kernel_features import KernelFeatures
+    from meshlens.agent.runner import AgentConfig, default_sources
+
+    return [s.name for s in default_sources(AgentConfig(), KernelFeatures.probe())]
+
+
+class BenchAgent(AgentProcess):
+    """AgentProcess in a bench mode; remembers what it attached."""
+
+    def __init__(self, mode: str, *extra_args: str, sweep_interval: float = 1.0) -> None:
+        super().__init__(*extra_args, sweep_interval=sweep_interval)
+        if mode == "l4":
+            self.args = [sys.executable, LAUNCHER, "--sources", "tcp", *self.args[1:]]
+        elif mode != "full":
+            raise ValueError(f"unknown agent mode {mode!r}")
+        self.mode = mode
+        self.attached: List[str] = []
+
+    def start(self, timeout: float = 30.0) -> "BenchAgent":
+        super().start(timeout)
+        self.attached = attach_summary(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def lost_events(self) -> float:
+        return self.total("meshlens_agent_events_lost_total")
+
+
+def attach_summary(agent: AgentProcess) -> List[str]:
+    """'source/signal=variant' for every signal the agent attached (attach_info == 1)."""
+    return sorted(f"{s.labels.get('source')}/{s.labels.get('signal')}={s.labels.get('variant')}"
+                  for s in agent.samples() if s.name == "meshlens_agent_attach_info" and s.value == 1)
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    prog_id: int
+    name: str
+    run_time_ns: int
+    run_cnt: int
+
+
+def _fdinfo_progs(pid: int) -> Dict[int, Dict[str, int]]:
+    out: Dict[int, Dict[str, int]] = {}
+    fddir = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fddir):
+        try:
+            with open(os.path.join(fddir, fd)) as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if "prog_id" not in fields or "run_time_ns" not in fields or "link_id" in fields:
+            continue  # not a program fd (link fds name their program too)
+        pid_ = int(fields["prog_id"])
+        out[pid_] = {k: int(fields[k]) for k in ("run_time_ns", "run_cnt") if k in fields}
+    return out
+
+
+def _prog_names() -> Dict[int, str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=False).stdout
+    try:
+        return {int(p["id"]): str(p.get("name", "")) for p in json.loads(out or "[]")}
+    except (ValueError, KeyError):
+        return {}
+
+
+def prog_stats(pid: int) -> Dict[int, ProgStats]:
+    """Run time and count of every BPF program the process `pid` holds an fd to."""
+    names = _prog_names()
+    return {i: ProgStats(i, names.get(i, f"prog{i}"), v.get("run_time_ns", 0), v.get("run_cnt", 0))
+            for i, v in _fdinfo_progs(pid).items()}
+
+
+def prog_delta(before: Dict[int, ProgStats], after: Dict[int, ProgStats]) -> Dict[str, Dict[str, int]]:
+    """Per program name: run_time_ns and run_cnt accumulated between two readings."""
+    out: Dict[str, Dict[str, int]] = {}
+    for i, a in after.items():
+        b = before.get(i, ProgStats(i, a.name, 0, 0))
+        d = out.setdefault(a.name, {"run_time_ns": 0, "run_cnt": 0})
+        d["run_time_ns"] += a.run_time_ns - b.run_time_ns
+        d["run_cnt"] += a.run_cnt - b.run_cnt
+    return out
+
+
+def _read_sysctl() -> str:
+    with open(STATS_SYSCTL) as f:
+        return f.read().strip()
+
+
+def _write_sysctl(value: str) -> None:
+    with open(STATS_SYSCTL, "w") as f:
+        f.write(value)
+
+
+@contextlib.contextmanager
+def bpf_stats_enabled() -> Iterator[None]:
+    """kernel.bpf_stats_enabled=1 for the block; the previous value is restored after."""
+    previous: Optional[str] = _read_sysctl()
+    _write_sysctl("1")
+    try:
+        yield
+    finally:
+        _write_sysctl(previous or "0")
