@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -54,6 +54,7 @@ QOS_CLASSES = ("guaranteed", "burstable", "besteffort")
 CGROUP_DRIVERS = ("systemd", "cgroupfs")
 RUNTIME_SCOPE_PREFIX = {"containerd": "cri-containerd", "cri-o": "crio", "crio": "crio", "docker": "docker"}
 KILL_WAIT_S = 5.0
+TEST_MARK_XATTR = "user.meshlens.test"
 
 
 # --------------------------------------------------------------------------- registry
@@ -70,6 +71,7 @@ class _Registry:
         self.processes: list[subprocess.Popen] = []
         self.subnets: set[str] = set()
         self.live_cgroups: set[str] = set()
+        self.pod_cgroups: set[str] = set()
         self.nodes: list["Node"] = []
 
     def in_use(self, path: str) -> bool:
@@ -190,21 +192,79 @@ def kubelet_cgroup_relpath(
     raise ValueError(f"cgroup_driver must be one of {CGROUP_DRIVERS}, not {cgroup_driver!r}")
 
 
-def _make_cgroup_dirs(root: str, relpath: str) -> list[str]:
-    """Create each missing component of root/relpath; return the ones created, outermost first."""
+def _make_cgroup_dirs(root: str, relpath: str, attempts: int = 5) -> list[str]:
+    """Create each missing component of root/relpath, marked as test-made; return those created.
+
+    Retries when a concurrent test run removes an empty kubepods parent between two mkdirs.
+    """
     created: list[str] = []
-    path = root
-    for part in relpath.split("/"):
-        path = os.path.join(path, part)
-        if os.path.isdir(path):
-            continue
-        _REGISTRY.add("cgroups", path)
+    for attempt in range(attempts):
         try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue  # another node created it concurrently: not ours to remove
-        created.append(path)
+            path = root
+            for part in relpath.split("/"):
+                path = os.path.join(path, part)
+                if os.path.isdir(path):
+                    continue
+                _REGISTRY.add("cgroups", path)
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    continue  # created concurrently by another node
+                _mark_test_made(path)
+                created.append(path)
+            return created
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
     return created
+
+
+def _mark_test_made(path: str) -> None:
+    try:
+        os.setxattr(path, TEST_MARK_XATTR, str(os.getpid()).encode())
+    except OSError as exc:
+        log.debug("cannot mark %s: %s", path, exc)
+
+
+def _is_test_made(path: str) -> bool:
+    """Created by this process, or by any meshlens test run (xattr mark)."""
+    with _REGISTRY.lock:
+        if path in _REGISTRY.cgroups:
+            return True
+    try:
+        os.getxattr(path, TEST_MARK_XATTR)
+        return True
+    except OSError:
+        return False
+
+
+def _ancestors(path: str, root: str) -> list[str]:
+    """The directories between root (excluded) and path (excluded), deepest first."""
+    out: list[str] = []
+    parent = os.path.dirname(path)
+    while parent.startswith(root + "/"):
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
+def _remove_empty_test_dirs(paths: Iterable[str]) -> None:
+    """rmdir, deepest first, each dir that is test-made, empty, and not used by an open pod here.
+
+    Shared kubepods parents are removed by whichever test run leaves them empty, so
+    concurrent runs (which share kubepods.slice) leave nothing behind.
+    """
+    for path in sorted(set(paths), key=lambda p: p.count("/"), reverse=True):
+        if (os.path.isdir(path) and _is_test_made(path) and not _REGISTRY.in_use(path)
+                and not _has_subdirs(path) and not _cgroup_procs(path)):
+            _rmdir_quiet(path)
+
+
+def _has_subdirs(path: str) -> bool:
+    try:
+        return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
+    except OSError:
+        return False
 
 
 def _rmdir_quiet(path: str) -> bool:
@@ -450,6 +510,7 @@ class Pod:
             self.node.gateway_v4, self.node.gateway_v6,
         )
         _REGISTRY.add("live_cgroups", self.cgroup_path)
+        _REGISTRY.add("pod_cgroups", self.cgroup_path)
         self._own_cgroups = _make_cgroup_dirs(self.node.cgroup_root, self.cgroup_relpath)
         self.cgroup_id = os.stat(self.cgroup_path).st_ino
 
@@ -473,9 +534,7 @@ class Pod:
         _remove_netns_quiet(self.netns)
         with _REGISTRY.lock:
             _REGISTRY.live_cgroups.discard(self.cgroup_path)
-        for path in reversed(self._own_cgroups):
-            if not _REGISTRY.in_use(path):
-                _rmdir_quiet(path)
+        _remove_empty_test_dirs(self._own_cgroups + _ancestors(self.cgroup_path, self.node.cgroup_root))
 
     def __enter__(self) -> "Pod":
         return self
@@ -565,7 +624,10 @@ class Pod:
     ) -> None:
         """Drop a random share of the pod's packets (iptables+ip6tables statistic match).
 
-        `match` adds iptables match arguments, e.g. ("--dport", "5201"). Cleared by clear_drops().
+        `match` adds iptables match arguments, e.g. ("--sport", "5301"). Cleared by clear_drops().
+        To make a TCP sender retransmit, drop at the receiver ("ingress" on the receiving
+        pod): a DROP in the sender's own OUTPUT chain is reported to TCP as a local error
+        (EPERM) and the segment is sent again later as new data, not as a retransmit.
         """
         if not 0.0 <= probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
@@ -680,22 +742,32 @@ class Node:
 
 
 def _remove_registered_cgroup_parents() -> None:
-    """rmdir, deepest first, every cgroup dir this process created that is now empty."""
+    """Remove every cgroup dir this process created that is now empty (deepest first)."""
     with _REGISTRY.lock:
-        paths = sorted(_REGISTRY.cgroups, key=lambda p: p.count("/"), reverse=True)
-    for path in paths:
-        if os.path.isdir(path) and not _REGISTRY.in_use(path) and not _has_subdirs(path) and not _cgroup_procs(path):
-            _rmdir_quiet(path)
-
-
-def _has_subdirs(path: str) -> bool:
-    try:
-        return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
-    except OSError:
-        return False
+        paths = list(_REGISTRY.cgroups)
+    _remove_empty_test_dirs(paths)
 
 
 # --------------------------------------------------------------------------- leftovers
+
+
+def _cgroup_leftover(path: str, ours: set[str]) -> bool:
+    """Is this registered cgroup dir a leftover? Empty ones are removed, shared ones skipped.
+
+    Decided on one snapshot of its subdirs, re-evaluated a few times, because a concurrent
+    run may empty or fill a shared parent at any moment.
+    """
+    for _ in range(3):
+        try:
+            subdirs = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return False
+        if any(sub not in ours for sub in subdirs):
+            return False
+        if subdirs or _cgroup_procs(path) or _REGISTRY.in_use(path):
+            return True
+        _rmdir_quiet(path)
+    return os.path.isdir(path)
 
 
 def _all_netns() -> list[str]:
@@ -710,6 +782,9 @@ def leftovers(everything: bool = False) -> list[str]:
 
     By default only what this process created (its registry); `everything=True` also
     reports any netns named ml-* and any link named mlb*/mlv* on the host, whoever made it.
+    A kubepods parent we created is not reported while another process's pods are inside
+    it (concurrent test runs share it): the last run to leave it empty removes it. An
+    empty test-made cgroup dir of ours is removed rather than reported, settling that hand-over.
     """
     with _REGISTRY.lock:
         netns = set(_REGISTRY.netns)
@@ -723,7 +798,8 @@ def leftovers(everything: bool = False) -> list[str]:
         links |= {n for n in present_links if n.startswith((BRIDGE_PREFIX, VETH_PREFIX))}
     found = [f"netns {n}" for n in sorted(netns & present_ns)]
     found += [f"link {n}" for n in sorted(links & present_links)]
-    found += [f"cgroup {p}" for p in sorted(cgroups) if os.path.isdir(p)]
+    deepest_first = sorted(cgroups, key=lambda p: p.count("/"), reverse=True)
+    found += [f"cgroup {p}" for p in sorted(p for p in deepest_first if _cgroup_leftover(p, cgroups))]
     found += [f"process {p.pid} {p.args!r}" for p in procs if p.poll() is None]
     return found
 
@@ -734,14 +810,15 @@ def cleanup_leftovers(everything: bool = False) -> list[str]:
     with _REGISTRY.lock:
         nodes = list(_REGISTRY.nodes)
         procs = list(_REGISTRY.processes)
+        pod_cgroups = set(_REGISTRY.pod_cgroups)
     for node in nodes:
         node.close()
     for proc in procs:
         stop_process(proc)
     for item in found:
         kind, _, what = item.partition(" ")
-        if kind == "cgroup":
-            _kill_cgroup(what)
+        if kind == "cgroup" and what in pod_cgroups:
+            _kill_cgroup(what)  # never a shared parent: that would kill other runs' pods
         elif kind == "link":
             _delete_link_quiet(what)
         elif kind == "netns":
