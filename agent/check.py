@@ -50,22 +50,28 @@ def _memcg_accounting(kf: KernelFeatures) -> bool:
 
 
 def attach_results(sources: List[Source]) -> List[Result]:
+    """Start the sources in order, as the agent does (a later source may build on an earlier
+    one's kernel objects), report every attach choice, then stop them in reverse."""
     out: List[Result] = []
-    for s in sources:
-        try:
-            s.start()
-            choices: List[AttachChoice] = s.attach_report()
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            out.append(Result(False, f"{s.name}: cannot load", str(exc).splitlines()[0]))
-            continue
-        finally:
+    started: List[Source] = []
+    try:
+        for s in sources:
+            try:
+                s.start()
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                out.append(Result(False, f"{s.name}: cannot load", str(exc).splitlines()[0]))
+                continue
+            started.append(s)
+            for ch in s.attach_report():
+                rejected = f" (not {'; '.join(ch.tried)})" if ch.tried else ""
+                if ch.chosen:
+                    out.append(Result(True, f"{s.name}/{ch.signal}: {ch.chosen} [{', '.join(ch.programs)}]{rejected}"))
+                else:
+                    out.append(Result(False, f"{s.name}/{ch.signal}: no attach point", "; ".join(ch.tried),
+                                      fatal=ch.required))
+    finally:
+        for s in reversed(started):
             s.stop()
-        for ch in choices:
-            rejected = f" (not {'; '.join(ch.tried)})" if ch.tried else ""
-            if ch.chosen:
-                out.append(Result(True, f"{s.name}/{ch.signal}: {ch.chosen} [{', '.join(ch.programs)}]{rejected}"))
-            else:
-                out.append(Result(False, f"{s.name}/{ch.signal}: no attach point", "; ".join(ch.tried), fatal=ch.required))
     return out
 
 

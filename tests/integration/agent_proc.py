@@ -121,6 +121,31 @@ class AgentProcess:
         self.stop()
 
 
+def held_prog_ids(pid: int) -> Dict[int, str]:
+    """BPF programs a process holds (through program or link fds): id -> name. Read from
+    /proc/<pid>/fdinfo, so it is exact even when other agents run on the same machine."""
+    ids = set()
+    fd_dir = Path(f"/proc/{pid}/fdinfo")
+    for info in fd_dir.iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    names = {pid_: name for pid_, name in loaded_programs().items() if pid_ in ids}
+    return names
+
+
+def loaded_programs() -> Dict[int, str]:
+    """Every BPF program loaded in the kernel: id -> name."""
+    import json
+
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"]: p.get("name", "") for p in json.loads(out or "[]")}
+
+
 def our_bpf_programs() -> List[str]:
     """Names of loaded BPF programs that belong to meshlens (bpftool's view of the kernel)."""
     import json

@@ -12,44 +12,48 @@ import pytest
 
 from meshlens.agent.kernel_features import KernelFeatures
 from meshlens.agent.tcp_source import TcpSource
-from tests.integration.agent_proc import MESHLENS, AgentProcess, our_bpf_programs
-from tests.integration.test_tcp_l4 import WORKLOAD, finish, run_json, start_listener
+from tests.integration.agent_proc import MESHLENS, AgentProcess, held_prog_ids, loaded_programs
+from tests.integration.test_tcp_l4 import finish, of, run_json, start_listener
 
 TCP_PROGRAMS = {"handle_set_state", "handle_send_length", "handle_recv_length", "handle_retransmit",
                 "handle_retransmit_synack", "handle_send_reset", "handle_receive_reset"}
 
 
-def tcp_programs() -> list:
-    return [p for p in our_bpf_programs() if p in TCP_PROGRAMS]
+def held(agent: AgentProcess) -> dict:
+    assert agent.proc is not None
+    return held_prog_ids(agent.proc.pid)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_detaches_every_program(sig: int) -> None:
-    before = len(tcp_programs())
     agent = AgentProcess().start()
     try:
-        assert len(tcp_programs()) == before + len(TCP_PROGRAMS)
+        programs = held(agent)
+        assert TCP_PROGRAMS <= set(programs.values())
     finally:
         code = agent.stop(sig)
     assert code == 0
-    assert len(tcp_programs()) == before
+    still = set(programs) & set(loaded_programs())
+    assert still == set(), f"programs still loaded after {signal.Signals(sig).name}: {still}"
 
 
 def test_crash_leaves_nothing_and_restart_counts_once(node) -> None:
-    before = len(tcp_programs())
     crashed = AgentProcess().start()
+    programs = held(crashed)
+    assert TCP_PROGRAMS <= set(programs.values())
     crashed.stop(signal.SIGKILL)
     assert crashed.exit_code == -signal.SIGKILL
-    assert len(tcp_programs()) == before  # links and programs die with their owner
+    assert set(programs) & set(loaded_programs()) == set()  # programs and links die with their owner
 
     srv, cli = node.add_pod("after"), node.add_pod("crash")
     with AgentProcess() as agent:
-        assert len(tcp_programs()) == before + len(TCP_PROGRAMS)  # exactly one copy attached
+        names = sorted(held(agent).values())
+        assert sorted(set(names)) == names, f"a program is attached twice: {names}"
         server = start_listener(srv, "server", "--host", "0.0.0.0", "--port", "8082", "--count", "17",
                                 "--recv", "211", "--send", "0")
         run_json(cli, "client", "--host", srv.ipv4, "--port", "8082", "--count", "17", "--send", "211")
         finish(server)
-        out = dict(netns=str(cli.netns_inode), direction="outbound")
+        out = dict(**of(cli), direction="outbound")
         assert agent.wait_total("meshlens_tcp_connections_closed_total", 17, **out) == 17
         assert agent.total("meshlens_tcp_sent_bytes_total", **out) == 17 * 211
 

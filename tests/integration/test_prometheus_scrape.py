@@ -15,12 +15,12 @@ def test_prometheus_reads_exact_tcp_numbers(node) -> None:
                                 "--recv", str(up), "--send", str(down))
         run_json(cli, "client", "--host", srv.ipv4, "--port", "9090", "--count", str(n), "--send", str(up))
         finish(server)
-        ns = cli.netns_inode
-        sent = f'sum(meshlens_tcp_sent_bytes_total{{netns="{ns}",direction="outbound"}})'
+        sel = f'netns="{cli.netns_inode}",cgroup="/{cli.cgroup_relpath}"'
+        sent = f'sum(meshlens_tcp_sent_bytes_total{{{sel},direction="outbound"}})'
         got = prom.wait_for(sent, lambda r: bool(r) and float(r[0]["value"][1]) == n * up, timeout=30)
         assert float(got[0]["value"][1]) == n * up
-        closed = prom.query(f'sum(meshlens_tcp_connections_closed_total{{netns="{ns}"}})')
-        recv = prom.query(f'sum(meshlens_tcp_received_bytes_total{{netns="{ns}"}})')
+        closed = prom.query(f'sum(meshlens_tcp_connections_closed_total{{{sel}}})')
+        recv = prom.query(f'sum(meshlens_tcp_received_bytes_total{{{sel}}})')
         assert float(closed[0]["value"][1]) == n
         assert float(recv[0]["value"][1]) == n * down
         up_q = prom.query(f'up{{instance="{agent.addr}"}}')

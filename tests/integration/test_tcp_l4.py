@@ -51,6 +51,12 @@ def tcp_delta(pod: Pod, before: Dict[str, int], key: str) -> int:
     return pod.snmp()["Tcp"][key] - before[key]
 
 
+def of(pod: Pod) -> Dict[str, str]:
+    """Labels that identify a pod's series. The cgroup is unique per pod; the netns inode is
+    not (the kernel reuses inodes of deleted namespaces), so both are used."""
+    return {"netns": str(pod.netns_inode), "cgroup": "/" + pod.cgroup_relpath}
+
+
 def comm_of(pid: int) -> str:
     return psutil.Process(pid).name()[:15]
 
@@ -69,7 +75,7 @@ def test_connections_and_bytes_exact_ipv4(node, agent: AgentProcess) -> None:
     assert tcp_delta(cli, c0, "ActiveOpens") == n
     assert tcp_delta(srv, s0, "PassiveOpens") == n
 
-    out = dict(netns=str(cli.netns_inode), direction="outbound", network_peer_address=srv.ipv4, server_port="8080")
+    out = dict(**of(cli), direction="outbound", network_peer_address=srv.ipv4, server_port="8080")
     assert agent.wait_total("meshlens_tcp_connections_closed_total", n, **out) == n
     assert agent.total("meshlens_tcp_connections_opened_total", **out) == n
     assert agent.total("meshlens_tcp_sent_bytes_total", **out) == n * up
@@ -79,14 +85,13 @@ def test_connections_and_bytes_exact_ipv4(node, agent: AgentProcess) -> None:
     assert agent.total("meshlens_tcp_rtt_seconds_count", **out) == n
     assert agent.total("meshlens_tcp_connections_active", **out) == 0
 
-    inb = dict(netns=str(srv.netns_inode), direction="inbound", network_peer_address=cli.ipv4, server_port="8080")
+    inb = dict(**of(srv), direction="inbound", network_peer_address=cli.ipv4, server_port="8080")
     assert agent.wait_total("meshlens_tcp_connections_closed_total", n, **inb) == n
     assert agent.total("meshlens_tcp_connections_opened_total", **inb) == n
     assert agent.total("meshlens_tcp_received_bytes_total", **inb) == n * up
     assert agent.total("meshlens_tcp_sent_bytes_total", **inb) == n * down
     # Identity: the server process and its kubelet-style cgroup, read from the socket.
-    assert agent.total("meshlens_tcp_connections_closed_total", process=server_comm,
-                       cgroup="/" + srv.cgroup_relpath, **inb) == n
+    assert agent.total("meshlens_tcp_connections_closed_total", process=server_comm, **inb) == n
 
 
 def test_connections_and_bytes_exact_ipv6(node, agent: AgentProcess) -> None:
@@ -98,11 +103,11 @@ def test_connections_and_bytes_exact_ipv6(node, agent: AgentProcess) -> None:
                       "--send", str(up), "--parallel", "4")
     assert finish(server)["received"] == n * up
     assert result["received"] == n * down
-    out = dict(netns=str(cli.netns_inode), direction="outbound", network_peer_address=srv.ipv6, server_port="8443")
+    out = dict(**of(cli), direction="outbound", network_peer_address=srv.ipv6, server_port="8443")
     assert agent.wait_total("meshlens_tcp_connections_closed_total", n, **out) == n
     assert agent.total("meshlens_tcp_sent_bytes_total", **out) == n * up
     assert agent.total("meshlens_tcp_received_bytes_total", **out) == n * down
-    inb = dict(netns=str(srv.netns_inode), direction="inbound", network_peer_address=cli.ipv6, server_port="8443")
+    inb = dict(**of(srv), direction="inbound", network_peer_address=cli.ipv6, server_port="8443")
     assert agent.wait_total("meshlens_tcp_connections_opened_total", n, **inb) == n
     assert agent.total("meshlens_tcp_received_bytes_total", **inb) == n * up
 
@@ -115,11 +120,13 @@ def test_refused_connects_and_resets_counted(node, agent: AgentProcess) -> None:
     assert outcomes == {"ECONNREFUSED": n}
     assert tcp_delta(srv, s0, "OutRsts") == n  # the kernel's own count of RSTs it sent
     assert tcp_delta(cli, c0, "AttemptFails") == n
-    fails = dict(netns=str(cli.netns_inode), direction="outbound", server_port="9")
+    fails = dict(**of(cli), direction="outbound", server_port="9")
     assert agent.wait_total("meshlens_tcp_connect_failures_total", n, reason="refused", **fails) == n
     assert agent.total("meshlens_tcp_resets_received_total", **fails) == n
     assert agent.total("meshlens_tcp_connections_opened_total", **fails) == 0
-    assert agent.wait_total("meshlens_tcp_resets_sent_total", n, netns=str(srv.netns_inode), server_port="9") == n
+    # RSTs to a closed port have no socket and no cgroup: the namespace and the peer tell them apart.
+    assert agent.wait_total("meshlens_tcp_resets_sent_total", n, netns=str(srv.netns_inode),
+                            network_peer_address=cli.ipv4, server_port="9") == n
 
 
 def test_connect_timeouts_counted_with_syn_retransmits(node, agent: AgentProcess) -> None:
@@ -138,9 +145,9 @@ def test_connect_timeouts_counted_with_syn_retransmits(node, agent: AgentProcess
     assert outcomes == {"ETIMEDOUT": n}
     retrans = tcp_delta(cli, c0, "RetransSegs")
     assert retrans >= n  # every SYN was retried at least once before ETIMEDOUT
-    fails = dict(netns=str(cli.netns_inode), direction="outbound", server_port="7777")
+    fails = dict(**of(cli), direction="outbound", server_port="7777")
     assert agent.wait_total("meshlens_tcp_connect_failures_total", n, reason="timeout", **fails) == n
-    assert agent.total("meshlens_tcp_retransmitted_segments_total", netns=str(cli.netns_inode)) == retrans
+    assert agent.total("meshlens_tcp_retransmitted_segments_total", **of(cli)) == retrans
 
 
 def test_resets_from_zero_linger_close(node, agent: AgentProcess) -> None:
@@ -154,10 +161,10 @@ def test_resets_from_zero_linger_close(node, agent: AgentProcess) -> None:
     finish(server)
     sent_rsts = tcp_delta(srv, s0, "OutRsts")
     assert sent_rsts == n
-    inb = dict(netns=str(srv.netns_inode), direction="inbound", server_port="8081")
+    inb = dict(**of(srv), direction="inbound", server_port="8081")
     # Credited to the server process's own rollup, not to an anonymous one.
     assert agent.wait_total("meshlens_tcp_resets_sent_total", n, process=server_comm, **inb) == n
-    out = dict(netns=str(cli.netns_inode), direction="outbound", server_port="8081")
+    out = dict(**of(cli), direction="outbound", server_port="8081")
     assert agent.wait_total("meshlens_tcp_resets_received_total", n, **out) == n
 
 
@@ -171,12 +178,10 @@ def test_retransmits_match_kernel_under_loss(node, agent: AgentProcess) -> None:
     assert finish(sink) == {"received": size}
     kernel_retrans = tcp_delta(snd, s0, "RetransSegs")
     assert kernel_retrans > 50, "the loss rule should have forced retransmits"
-    ns = str(snd.netns_inode)
-    assert agent.wait_total("meshlens_tcp_retransmitted_segments_total", kernel_retrans, netns=ns) == kernel_retrans
-    out = dict(netns=ns, direction="outbound", network_peer_address=rcv.ipv4, server_port="5555")
+    assert agent.wait_total("meshlens_tcp_retransmitted_segments_total", kernel_retrans, **of(snd)) == kernel_retrans
+    out = dict(**of(snd), direction="outbound", network_peer_address=rcv.ipv4, server_port="5555")
     assert agent.wait_total("meshlens_tcp_sent_bytes_total", size, **out) == size
-    assert agent.wait_total("meshlens_tcp_received_bytes_total", size, netns=str(rcv.netns_inode),
-                            direction="inbound") == size
+    assert agent.wait_total("meshlens_tcp_received_bytes_total", size, **of(rcv), direction="inbound") == size
     assert agent.total("meshlens_agent_events_read_total", source="tcp", type="retransmit") > 0
 
 
