@@ -79,6 +79,7 @@ class HttpConfig:
     sample_every: int = 0              # 1 in N requests as a tap record; 0 = off
     routes: RouteConfig = field(default_factory=RouteConfig)
     tap_len: int = 1000
+    idle_evict_s: float = 300.0        # kernel entries unchanged this long move to user space
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,10 @@ class HttpSource(Source):
         self._choices: List[AttachChoice] = []
         self.events_read: Dict[str, int] = {n: 0 for n in EVENT_NAMES.values()}
         self.decode_errors = 0
-        self._overflow: Dict[Tuple, HttpStats] = {}   # raw key tuple -> stats (user-space aggregate)
+        self._retired: Dict[HttpSeriesKey, HttpStats] = {}   # overflow records + evicted entries
+        self._last_change: Dict[bytes, Tuple[int, float]] = {}  # kernel key -> (count, when it changed)
+        self.evicted = 0
         self._overflow_records = 0
-        self._overflow_comm: Dict[bytes, bytes] = {}
-        self.overflow_dropped = 0
         self._tap: Deque[TapRecord] = collections.deque(maxlen=config.tap_len)
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
@@ -218,15 +219,10 @@ class HttpSource(Source):
         req = ev.req_body if ev.flags & F_REQ_SIZE else None
         resp = ev.resp_body if ev.flags & F_RESP_SIZE else None
         if ev.flags & F_OVERFLOW:
+            # the kernel map was full: aggregate here, under the series key (routes are
+            # capped, so this stays bounded); the path text always precedes its request
             self._overflow_records += 1
-            raw = bytes(ev.key)
-            st = self._overflow.get(raw)
-            if st is None:
-                if len(self._overflow) >= self.config.stats_max_entries:
-                    self.overflow_dropped += 1   # bounded: counted, not aggregated
-                    return
-                st = self._overflow[raw] = HttpStats()
-                self._overflow_comm[raw] = bytes(ev.comm)
+            st = self._retired.setdefault(self._series_key(ev.key), HttpStats())
             st.count += 1
             st.duration.observe(ev.duration_ns / 1e9)
             if req is not None:
@@ -234,13 +230,13 @@ class HttpSource(Source):
             if resp is not None:
                 st.response_body.observe(float(resp))
         if ev.flags & F_SAMPLE:
-            self._tap.append(TapRecord(ev.ts_ns, self._series_key(ev.key, ev.comm), ev.duration_ns / 1e9, req, resp))
+            self._tap.append(TapRecord(ev.ts_ns, self._series_key(ev.key), ev.duration_ns / 1e9, req, resp))
 
     # ---- sweeps --------------------------------------------------------------------------
-    def _series_key(self, k: MlHttpKey, comm: bytes) -> HttpSeriesKey:
+    def _series_key(self, k: MlHttpKey) -> HttpSeriesKey:
         return HttpSeriesKey(
             role=ROLE_NAMES.get(k.role, "unknown"),
-            process=comm.decode("utf-8", "replace"),
+            process=k.comm.decode("utf-8", "replace"),
             cgroup_id=k.cgroup_id,
             netns=k.netns,
             method=METHOD_NAMES.get(k.method, "_OTHER"),
@@ -256,14 +252,34 @@ class HttpSource(Source):
         if self._rb:
             self._rb.consume()   # path texts first, so new ids get their route
         series: Dict[HttpSeriesKey, HttpStats] = {}
-        items = self.obj.map("http_stats").items(MlHttpKey, MlHttpVal)
-        self._entries = {"http_stats": len(items)}
-        for k, v in items:
-            sk = self._series_key(k, v.comm)
+        m = self.obj.map("http_stats")
+        raw_items = m.items_raw()
+        self._entries = {"http_stats": len(raw_items)}
+        crowded = len(raw_items) > 0.8 * self.config.stats_max_entries
+        now = time.monotonic()
+        seen = set()
+        for kraw, vraw in raw_items:
+            v = MlHttpVal.from_buffer_copy(vraw)
+            sk = self._series_key(MlHttpKey.from_buffer_copy(kraw))
+            prev = self._last_change.get(kraw)
+            if prev is None or prev[0] != v.count:
+                self._last_change[kraw] = (v.count, now)
+            idle = prev is not None and prev[0] == v.count
+            if idle and (crowded or now - self._last_change[kraw][1] >= self.config.idle_evict_s):
+                # Retire an idle entry: its totals move to user space so counters stay
+                # monotonic, and the kernel slot is free for new series. An increment landing
+                # between the read above and this delete is lost (idle entries only).
+                if m.delete_raw(kraw):
+                    self.evicted += 1
+                    self._retired.setdefault(sk, HttpStats()).add_kernel(v)
+                    self._last_change.pop(kraw, None)
+                    continue
+            seen.add(kraw)
             series.setdefault(sk, HttpStats()).add_kernel(v)
-        for raw, st in self._overflow.items():
-            k = MlHttpKey.from_buffer_copy(raw)
-            series.setdefault(self._series_key(k, self._overflow_comm.get(raw, b"")), HttpStats()).merge(st)
+        for kraw in [k for k in self._last_change if k not in seen]:
+            del self._last_change[kraw]
+        for sk, st in self._retired.items():
+            series.setdefault(sk, HttpStats()).merge(st)
         sums = self.obj.map("l7_counters").percpu_u64_sums()
         self._kernel = {n: sums[i] for i, n in enumerate(COUNTER_NAMES)}
         self.dns.sweep(time.monotonic_ns())

@@ -74,16 +74,15 @@ class MlHttpKey(ctypes.Structure):
     _fields_ = [
         ("cgroup_id", ctypes.c_uint64),
         ("netns", ctypes.c_uint32),
-        ("tgid", ctypes.c_uint32),
         ("path_id", ctypes.c_uint32),
         ("status", ctypes.c_uint16),
         ("server_port", ctypes.c_uint16),
-        ("server_addr", ctypes.c_uint8 * 16),
-        ("client_addr", ctypes.c_uint8 * 16),
         ("family", ctypes.c_uint16),
         ("role", ctypes.c_uint8),
         ("method", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint32),
+        ("server_addr", ctypes.c_uint8 * 16),
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * ML_L7_COMM_LEN),
     ]
 
 
@@ -98,7 +97,6 @@ class MlHttpVal(ctypes.Structure):
         ("duration_buckets", ctypes.c_uint64 * ML_DUR_BUCKETS),
         ("req_body_buckets", ctypes.c_uint64 * ML_SIZE_BUCKETS),
         ("resp_body_buckets", ctypes.c_uint64 * ML_SIZE_BUCKETS),
-        ("comm", ctypes.c_char * ML_L7_COMM_LEN),
     ]
 
 
@@ -111,7 +109,6 @@ class MlHttpEvent(ctypes.Structure):
         ("duration_ns", ctypes.c_uint64),
         ("req_body", ctypes.c_uint64),
         ("resp_body", ctypes.c_uint64),
-        ("comm", ctypes.c_char * ML_L7_COMM_LEN),
     ]
 
 

@@ -19,7 +19,7 @@ MAX_SEGMENTS = 16
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _NUMBER = re.compile(r"^[0-9]+$")
-_HEX = re.compile(r"^(?:0x)?[0-9a-fA-F]{8,}$")
+_HEX = re.compile(r"^[0-9a-fA-F\-]{8,}$")
 _HEXISH_DIGITS = re.compile(r"[0-9]")
 _LONG_TOKEN = re.compile(r"^[A-Za-z0-9_\-=]{24,}$")  # base64-ish ids, tokens, hashes
 
@@ -41,6 +41,8 @@ class RouteConfig:
 
 
 def _segment(seg: str) -> str:
+    """Placeholder classes match l7.bpf.c's end_segment(): every segment the kernel hashes as
+    an id becomes a placeholder here too (the kernel groups paths by them)."""
     if not seg:
         return seg
     if _NUMBER.match(seg):

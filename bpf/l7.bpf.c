@@ -97,7 +97,19 @@ struct stream {
 	__u8 flags;
 	__u8 path_len;
 	__u8 method;
+	__u32 seg_hash;      /* FNV-1a of the current path segment */
+	__u8 seg_len;
+	__u8 seg_flags;
+	__u8 _pad[2];
 };
+
+/* Path segments that look like ids are hashed as one placeholder, so /users/1 and /users/2
+ * share a path id (and a stats entry); agent/routes.py templates the same classes. */
+#define SEG_ALL_DIGIT 1
+#define SEG_ALL_HEX 2     /* [0-9a-fA-F-] */
+#define SEG_ALL_TOKEN 4   /* [A-Za-z0-9_=-] */
+#define SEG_HAS_DIGIT 8
+#define SEG_START (SEG_ALL_DIGIT | SEG_ALL_HEX | SEG_ALL_TOKEN)
 
 #define PF_REQ_SIZE 1
 
@@ -333,7 +345,7 @@ static __always_inline void fill_key(struct ml_http_key *k, struct sock *sk, __u
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 
 	k->cgroup_id = bpf_get_current_cgroup_id();
-	k->tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&k->comm, sizeof(k->comm));
 	k->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	k->family = family;
 	k->role = role;
@@ -370,7 +382,6 @@ static __always_inline void emit_request(struct ml_http_key *k, __u32 flags, __u
 	e->duration_ns = dur;
 	e->req_body = req;
 	e->resp_body = resp;
-	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_EVENTS_SUBMITTED);
 }
@@ -408,7 +419,6 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 
 	v = bpf_map_lookup_elem(&http_stats, &k);
 	if (!v) {
-		bpf_get_current_comm(&sc->zero.comm, sizeof(sc->zero.comm));
 		bpf_map_update_elem(&http_stats, &k, &sc->zero, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&http_stats, &k);
 	}
@@ -507,6 +517,47 @@ static __always_inline void start_message(struct scratch *sc, struct stream *s)
 	s->path_len = 0;
 	s->path_hash = FNV_OFFSET;
 	s->method = 0;
+	s->seg_hash = FNV_OFFSET;
+	s->seg_len = 0;
+	s->seg_flags = SEG_START;
+}
+
+static __always_inline void end_segment(struct stream *s)
+{
+	__u8 f = s->seg_flags, n = s->seg_len;
+	int id = n && ((f & SEG_ALL_DIGIT) || ((f & SEG_ALL_HEX) && n >= 8 && (f & SEG_HAS_DIGIT)) ||
+		       ((f & SEG_ALL_TOKEN) && n >= 24 && (f & SEG_HAS_DIGIT)));
+
+	if (n)
+		s->path_hash = (s->path_hash ^ (id ? 0x2a2a2a2aU : s->seg_hash)) * FNV_PRIME;
+	s->seg_hash = FNV_OFFSET;
+	s->seg_len = 0;
+	s->seg_flags = SEG_START;
+}
+
+static __always_inline void path_byte(struct stream *s, __u8 c)
+{
+	__u8 lc = c | 0x20;
+	int digit = c >= '0' && c <= '9';
+	int hex = digit || (lc >= 'a' && lc <= 'f') || c == '-';
+	int tok = digit || (lc >= 'a' && lc <= 'z') || c == '_' || c == '-' || c == '=';
+
+	if (c == '/') {
+		end_segment(s);
+		s->path_hash = (s->path_hash ^ c) * FNV_PRIME;
+		return;
+	}
+	s->seg_hash = (s->seg_hash ^ c) * FNV_PRIME;
+	if (s->seg_len < 255)
+		s->seg_len++;
+	if (!digit)
+		s->seg_flags &= ~SEG_ALL_DIGIT;
+	else
+		s->seg_flags |= SEG_HAS_DIGIT;
+	if (!hex)
+		s->seg_flags &= ~SEG_ALL_HEX;
+	if (!tok)
+		s->seg_flags &= ~SEG_ALL_TOKEN;
 }
 
 static __always_inline struct stream *cur_stream(struct scratch *sc)
@@ -800,6 +851,7 @@ static long step(__u32 index, void *ctx)
 		return 0;
 	case S_PATH:
 		if (c == ' ' || c == '?' || c == '#' || c == '\r' || c == '\n') {
+			end_segment(s);
 			ml_request_started();
 			s->state = c == ' ' ? S_REQ_VERSION : S_QUERY;
 			if (c == '\n') {
@@ -811,7 +863,7 @@ static long step(__u32 index, void *ctx)
 		if (s->path_len < ML_PATH_MAX) {
 			sc->c.path[s->path_len & (ML_PATH_MAX - 1)] = c;
 			s->path_len++;
-			s->path_hash = (s->path_hash ^ c) * FNV_PRIME;
+			path_byte(s, c);
 		}
 		return 0;
 	case S_QUERY:

@@ -33,16 +33,16 @@ enum ml_http_method {
 struct ml_http_key {
 	__u64 cgroup_id;     /* cgroup v2 id of the process that made the syscall */
 	__u32 netns;         /* network namespace inode of the socket */
-	__u32 tgid;
 	__u32 path_id;       /* FNV-1a of the path prefix (query dropped); text via ML_EV_PATH */
 	__u16 status;        /* final response status code */
 	__u16 server_port;
-	__u8 server_addr[16];
-	__u8 client_addr[16];
 	__u16 family;
 	__u8 role;           /* enum ml_http_role (SERVER or CLIENT) */
 	__u8 method;         /* enum ml_http_method */
-	__u32 _pad0;
+	__u8 server_addr[16];
+	__u8 client_addr[16];
+	char comm[ML_L7_COMM_LEN]; /* process name, not pid: short-lived processes (a curl per
+	                            * request) must not each make a new entry */
 };
 
 /* Value of `http_stats`: cumulative since load. Histogram buckets are exact: bucket i holds
@@ -57,7 +57,6 @@ struct ml_http_val {
 	__u64 duration_buckets[ML_DUR_BUCKETS];
 	__u64 req_body_buckets[ML_SIZE_BUCKETS];
 	__u64 resp_body_buckets[ML_SIZE_BUCKETS];
-	char comm[ML_L7_COMM_LEN];
 };
 
 enum ml_l7_event_type {
@@ -81,7 +80,6 @@ struct ml_http_event {
 	__u64 duration_ns;
 	__u64 req_body;
 	__u64 resp_body;
-	char comm[ML_L7_COMM_LEN];
 };
 
 struct ml_path_event {

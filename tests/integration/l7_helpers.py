@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import threading
 import time
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -18,11 +19,12 @@ Key = Tuple[str, int, str]  # (method, status, route)
 
 
 def settle(src: HttpSource, seconds: float = 0.3) -> None:
-    """Drain the ring buffer and sweep the maps after traffic stopped."""
+    """After traffic stopped: wait, then until the agent's loop has swept twice more (the
+    ring buffer is drained before each sweep)."""
     time.sleep(seconds)
-    for rb in src.ring_buffers():
-        rb.poll(50)
-    src.sweep(time.monotonic_ns())
+    agent = src.test_agent  # type: ignore[attr-defined]
+    target = agent.sweeps + 2
+    assert wait_for(lambda: agent.sweeps >= target, timeout=10), "agent loop stalled"
 
 
 def series_for(src: HttpSource, pod: Pod, role: str, port: int = 0) -> Dict[HttpSeriesKey, HttpStats]:
@@ -90,11 +92,22 @@ def dns_series(snap: DnsSnapshot, pod: Pod) -> Dict:
 
 
 def started_source(**kw) -> Iterator[HttpSource]:
-    from meshlens.agent.http_source import HttpConfig
+    """The L7 sources run by the agent's own loop (runner.Agent) in a thread, as in
+    `meshlens run`: ring buffers are polled continuously, maps swept every 0.1 s."""
+    from meshlens.agent.http_source import HttpConfig, l7_sources
+    from meshlens.agent.runner import Agent, AgentConfig
 
-    src = HttpSource(HttpConfig(**kw))
-    src.start()
+    sources = l7_sources(HttpConfig(**kw))
+    agent = Agent(AgentConfig(sweep_interval_s=0.1, poll_timeout_ms=50), sources=sources)
+    src = sources[0]
+    src.test_agent = agent  # type: ignore[attr-defined]
+    agent.start()
+    stop = threading.Event()
+    loop = threading.Thread(target=agent.run, args=(stop,), name="l7-agent", daemon=True)
+    loop.start()
     try:
-        yield src
+        yield src  # type: ignore[misc]
     finally:
-        src.stop()
+        stop.set()
+        loop.join(timeout=10)
+        agent.stop()
