@@ -206,6 +206,21 @@ struct {
 	__type(value, __u64);
 } l7_counters SEC(".maps");
 
+/* Never used by the programs: makes clang emit BTF for the ring-buffer record types, which
+ * the agent's ctypes mirrors are checked against (tests/unit/test_l7_structs.py). */
+struct l7_record_types {
+	struct ml_http_event http;
+	struct ml_path_event path;
+	struct ml_dns_event dns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_record_types);
+} l7_record_types SEC(".maps");
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&l7_counters, &idx);

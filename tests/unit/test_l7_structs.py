@@ -1,0 +1,60 @@
+"""The L7 ctypes mirrors match l7.bpf.o's BTF; bucket bounds and counters agree with the kernel."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from meshlens.agent import bpf
+from meshlens.agent.btf_layout import ObjectBtf, compare
+from meshlens.agent.l7_structs import (
+    COUNTER_NAMES,
+    DURATION_BOUNDS_S,
+    MIRRORS,
+    ML_L7_CNT_MAX,
+    PARSE_ERRORS,
+    SIZE_BOUNDS_BYTES,
+    L7Rodata,
+    kernel_bucket,
+)
+
+
+@pytest.fixture(scope="module")
+def l7_btf():
+    with ObjectBtf(bpf.object_path("l7")) as btf:
+        yield btf
+
+
+@pytest.mark.parametrize("struct_name", sorted(MIRRORS))
+def test_l7_mirror_matches_btf(l7_btf, struct_name: str) -> None:
+    layout = l7_btf.struct(struct_name)
+    assert layout.size == ctypes.sizeof(MIRRORS[struct_name])
+    assert compare(layout, MIRRORS[struct_name]) == []
+
+
+def test_rodata_knobs_match_btf(l7_btf) -> None:
+    # The object file's DATASEC has every offset 0 until libbpf fixes it up at open, so
+    # check names and sizes from BTF and the total size from the opened object's .rodata.
+    layout = l7_btf.datasec(".rodata")
+    assert [(f.name, f.size) for f in layout.fields] == [
+        (name, ctypes.sizeof(ctype)) for name, ctype in L7Rodata._fields_
+    ]
+    obj = bpf.BpfObject(bpf.object_path("l7"))
+    try:
+        assert len(obj._rodata_map().initial_value()) == ctypes.sizeof(L7Rodata)
+    finally:
+        obj.close()
+
+
+def test_counters_fit_and_parse_errors_are_counters() -> None:
+    assert len(COUNTER_NAMES) <= ML_L7_CNT_MAX
+    assert len(set(COUNTER_NAMES)) == len(COUNTER_NAMES)
+    assert set(PARSE_ERRORS) <= set(COUNTER_NAMES)
+
+
+def test_bucket_bounds_are_the_otel_ones() -> None:
+    assert DURATION_BOUNDS_S == (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+    assert SIZE_BOUNDS_BYTES[:3] == (0, 64, 256) and SIZE_BOUNDS_BYTES[-1] == 16 * 1024 * 1024
+    assert kernel_bucket(DURATION_BOUNDS_S, 0.05) == 3       # <= bound: Prometheus `le`
+    assert kernel_bucket(DURATION_BOUNDS_S, 0.0501) == 4
+    assert kernel_bucket(DURATION_BOUNDS_S, 11.0) == len(DURATION_BOUNDS_S)
