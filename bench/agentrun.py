@@ -113,6 +113,26 @@ def prog_delta(before: Dict[int, ProgStats], after: Dict[int, ProgStats]) -> Dic
     return out
 
 
+def program_objects() -> Dict[str, str]:
+    """Program name (as the kernel shows it, 15 chars) -> BPF object it comes from
+    (tcpconn, l7, ...), from the FUNC entries of each shipped object's BTF."""
+    from meshlens.agent import bpf as agent_bpf
+
+    objdir = Path(agent_bpf.object_path("tcpconn")).parent
+    out: Dict[str, str] = {}
+    for obj in sorted(objdir.glob("*.bpf.o")):
+        r = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)], capture_output=True, text=True,
+                           check=False)
+        try:
+            types = json.loads(r.stdout or "{}").get("types", [])
+        except ValueError:
+            continue
+        for t in types:
+            if t.get("kind") == "FUNC":
+                out[str(t["name"])[:15]] = obj.name.split(".")[0]
+    return out
+
+
 def _read_sysctl() -> str:
     with open(STATS_SYSCTL) as f:
         return f.read().strip()

@@ -3,7 +3,7 @@ once, lazily), which agent modes exist on this build, and notes/caveats for the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .workloads import Testbed
 
@@ -17,6 +17,7 @@ class Context:
     notes: List[str] = field(default_factory=list)
     attach: Dict[str, List[str]] = field(default_factory=dict)
     _testbed: Optional[Testbed] = None
+    _plans: Dict[Tuple[int, bool], Dict[str, int]] = field(default_factory=dict)
 
     @property
     def seconds(self) -> int:
@@ -46,6 +47,13 @@ class Context:
         if mode == "l4" and self.agent_modes == ["l4"]:
             return f"agent L4 = full ({what})"
         return f"agent {mode} ({what})"
+
+    def plan(self, rate: int, close: bool = False) -> Dict[str, int]:
+        """A calibrated wrk plan for `rate` (keep-alive or connection-per-request), cached."""
+        key = (rate, close)
+        if key not in self._plans:
+            self._plans[key] = self.testbed.calibrate(rate, close=close, tries=1 if self.quick else 2)
+        return self._plans[key]
 
     def remember_attach(self, mode: str, attached: List[str]) -> None:
         self.attach.setdefault(mode, attached)

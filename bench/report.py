@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .stats import Summary
 from .targets import Verdict
 
 
@@ -58,6 +57,8 @@ def fmt(v: Optional[float], digits: int = 3) -> str:
 
 def fmt_summary(s: Summary, digits: int = 3) -> str:
     """'median [min–max]'."""
+    if s.n == 0:
+        return "n/a"
     if s.n == 1:
         return fmt(s.median, digits)
     return f"{fmt(s.median, digits)} [{fmt(s.min, digits)}–{fmt(s.max, digits)}]"
@@ -76,9 +77,7 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, Summary):
-        return _jsonable(obj.as_dict())
-    if isinstance(obj, Verdict):
+    if hasattr(obj, "as_dict"):  # Summary, Verdict, Error
         return _jsonable(obj.as_dict())
     return obj
 
@@ -87,9 +86,10 @@ def targets_table(verdicts: Sequence[Verdict]) -> Table:
     t = Table("Targets", ["target", "limit", "measured", "verdict", "note"])
     for v in verdicts:
         lim = f"{'≤' if v.target.kind == 'max' else '≥'} {fmt(v.target.limit)} {v.target.unit}"
-        met = "—" if v.met is None else ("met" if v.met else "**missed**")
-        t.add(v.target.description, lim, fmt(v.measured), f"{met}: {v.sentence()}" if v.met is not None else v.sentence(),
-              v.note)
+        verdict_s = v.sentence()
+        if v.met is False:
+            verdict_s = f"**{verdict_s}**"
+        t.add(v.target.description, lim, fmt(v.measured), verdict_s, v.note)
     return t
 
 

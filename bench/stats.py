@@ -53,8 +53,11 @@ class Summary:
 
 
 def summarize(values: Sequence[float]) -> Summary:
-    """Median, min, max and quartiles of the rounds' values."""
+    """Median, min, max and quartiles of the rounds' values (all NaN, n=0, when empty)."""
     vals = [float(v) for v in values]
+    if not vals:
+        nan = float("nan")
+        return Summary(nan, nan, nan, nan, nan, 0)
     return Summary(median(vals), min(vals), max(vals), quantile(vals, 0.25), quantile(vals, 0.75), len(vals))
 
 
@@ -122,3 +125,21 @@ def histogram_quantile(q: float, buckets: Sequence[tuple]) -> float:
             return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
         prev_le, prev_count = le, count
     return prev_le
+
+
+def bucket_interval(q: float, buckets: Sequence[tuple]) -> tuple:
+    """(lower, upper) bounds of the histogram bucket holding the q-quantile's rank.
+
+    This is all a histogram really knows about a quantile; upper is inf for the +Inf
+    bucket. (nan, nan) when the histogram is empty.
+    """
+    ordered = sorted((float(le), float(c)) for le, c in buckets)
+    if not ordered or ordered[-1][1] == 0:
+        return (float("nan"), float("nan"))
+    rank = q * ordered[-1][1]
+    prev = 0.0
+    for le, count in ordered:
+        if count >= rank and count > 0:
+            return (prev, le)
+        prev = le
+    return (prev, float("inf"))

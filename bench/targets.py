@@ -95,7 +95,7 @@ TARGETS: Dict[str, Target] = {t.key: t for t in (
     Target("cpu_at_20k", "Agent CPU at 20k req/s, % of one core", 20.0, "%", "max"),
     Target("rss", "Agent resident memory (max over the run)", 150.0, "MB", "max"),
     Target("lost_at_20k", "Events lost at 20k req/s", 0.0, "events", "max"),
-    Target("count_error_at_20k", "Count errors (connections, bytes) at 20k req/s", 0.0, "units", "max"),
+    Target("count_error_at_20k", "Largest count error (connections, bytes, requests) at 20k req/s", 0.0, "%", "max"),
     Target("scrape_10k", "/metrics at 10k series (median)", 100.0, "ms", "max"),
 )}
 

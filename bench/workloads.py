@@ -21,7 +21,7 @@ MEDIUM = 16384
 HTTP_PORT = 80
 IPERF_PORT = 5201
 SATURATION_CONNS = 32
-RATE_DELAY_MS = 5
+RATE_DELAY_MS = 10
 
 
 def throttle_script(delay_ms: int) -> str:
@@ -78,23 +78,49 @@ class Testbed:
                 "bytes_sent": sum(int(e["bytes_sent"]) for e in entries if isinstance(e["bytes_sent"], int)),
                 "request_length": sum(int(e["request_length"]) for e in entries if isinstance(e["request_length"], int))}
 
+    def calibrate(self, rate: float, size: int = SMALL, close: bool = False, seconds: int = 2,
+                  tries: int = 2) -> Dict[str, int]:
+        """A plan (connections, delay_ms) whose achieved rate is close to `rate`.
+
+        wrk's timer fires late by up to a millisecond and each request adds its own
+        latency, so the first plan under-delivers; scale the connections by the shortfall.
+        """
+        plan = rate_plan(rate)
+        for _ in range(tries):
+            r = self.http(size, seconds, plan["connections"], delay_ms=plan["delay_ms"], close=close)
+            if r["rps"] <= 0:
+                break
+            plan = {"connections": max(1, int(round(plan["connections"] * rate / r["rps"]))),
+                    "delay_ms": plan["delay_ms"]}
+            if abs(r["rps"] / rate - 1.0) < 0.03:
+                break
+        self.reset_access_log()
+        return plan
+
     def opens(self) -> Dict[str, int]:
         return {"active": self.cli.snmp()["Tcp"]["ActiveOpens"], "passive": self.srv.snmp()["Tcp"]["PassiveOpens"]}
 
     def http(self, size: int, seconds: int, connections: int = SATURATION_CONNS, *,
-             rate: Optional[float] = None, close: bool = False) -> Dict[str, Any]:
-        """wrk against /bytes/<size>; rate=None saturates; close=True opens a connection per request."""
+             rate: Optional[float] = None, delay_ms: Optional[int] = None,
+             close: bool = False) -> Dict[str, Any]:
+        """wrk against /bytes/<size>; close=True opens a connection per request.
+
+        Without rate or delay_ms wrk saturates; rate picks connections and delay from
+        rate_plan(); delay_ms throttles each of `connections` explicitly (calibrated plans).
+        """
         script = None
         conns = connections
-        if rate is not None:
+        if rate is not None and delay_ms is None:
             plan = rate_plan(rate)
-            conns, script = plan["connections"], throttle_script(plan["delay_ms"])
+            conns, delay_ms = plan["connections"], plan["delay_ms"]
+        if delay_ms is not None:
+            script = throttle_script(delay_ms)
         extra = ["-H", "Connection: close"] if close else []
         o0, t0 = self.opens(), time.monotonic()
         res = run_wrk(self.cli, self.url(size), conns, seconds, threads=1, script=script, extra_args=extra)
         o1 = self.opens()
         res.pop("text", None)
-        res.update(connections=conns, offered_rate=rate, wall_s=time.monotonic() - t0,
+        res.update(connections=conns, delay_ms=delay_ms, offered_rate=rate, wall_s=time.monotonic() - t0,
                    active_opens=o1["active"] - o0["active"], passive_opens=o1["passive"] - o0["passive"])
         return res
 
