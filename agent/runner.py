@@ -15,7 +15,9 @@ from typing import Dict, List, Optional
 import psutil
 
 from .cgroups import CgroupResolver
+from .identity_model import IdentityView, StandaloneIdentity
 from .kernel_features import KernelFeatures
+from .service_map import ServiceMap
 from .snapshot import AgentSnapshot, ProcessStats
 from .source import Source
 from .tcp_source import TcpConfig, TcpSource
@@ -30,6 +32,8 @@ class AgentConfig:
     poll_timeout_ms: int = 100
     tcp: TcpConfig = TcpConfig()
     http: HttpConfig = HttpConfig()
+    map_interval_s: float = 5.0    # how often the service map records edge totals
+    map_window_s: float = 60.0     # the window its rates and percentiles cover
 
 
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
@@ -38,11 +42,14 @@ def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Sourc
 
 class Agent:
     def __init__(self, config: AgentConfig = AgentConfig(), sources: Optional[List[Source]] = None,
-                 features: Optional[KernelFeatures] = None) -> None:
+                 features: Optional[KernelFeatures] = None, identity: Optional[IdentityView] = None) -> None:
         self.config = config
         self.features = features or KernelFeatures.probe()
         self.sources = sources if sources is not None else default_sources(config, self.features)
         self.cgroups = CgroupResolver()
+        self.identity: IdentityView = identity or StandaloneIdentity()
+        self.service_map = ServiceMap(config.map_window_s, identity=self.identity)
+        self._last_map = float("-inf")
         self.sweeps = 0
         self._started: List[Source] = []
         self._proc = psutil.Process()
@@ -73,8 +80,16 @@ class Agent:
             rb.poll(per)
         if now - last_sweep >= self.config.sweep_interval_s:
             self.sweep()
+            if now - self._last_map >= self.config.map_interval_s:
+                self.observe_service_map()
+                self._last_map = now
             return now
         return last_sweep
+
+    def observe_service_map(self) -> None:
+        with self._lock:
+            areas = {s.name: s.snapshot() for s in self._started}
+        self.service_map.observe(areas)
 
     def sweep(self) -> None:
         now_ns = time.monotonic_ns()
@@ -99,6 +114,8 @@ class Agent:
                 process=ProcessStats(cpu.user, cpu.system, self._proc.memory_info().rss),
                 cgroup_path=self.cgroups.path,
                 sweeps=self.sweeps,
+                identity=self.identity,
+                service_map=self.service_map,
             )
 
     def __enter__(self) -> "Agent":

@@ -3,8 +3,9 @@ each source's snapshot() and health(); immutable from the exporter's point of vi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
+from .identity_model import IdentityView, StandaloneIdentity
 from .source import AttachChoice, SourceHealth
 
 
@@ -23,3 +24,5 @@ class AgentSnapshot:
     process: ProcessStats
     cgroup_path: Callable[[int], str] = field(default=lambda _id: "")
     sweeps: int = 0
+    identity: IdentityView = field(default_factory=StandaloneIdentity)
+    service_map: Optional[object] = None     # agent.service_map.ServiceMap

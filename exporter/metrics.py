@@ -17,6 +17,10 @@ from typing import Dict, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+EDGE_LABELS: Tuple[str, ...] = (
+    "k8s_namespace_name", "k8s_owner_kind", "k8s_owner_name",
+    "peer_k8s_namespace_name", "peer_k8s_owner_kind", "peer_k8s_owner_name",
+)
 TCP_LABELS: Tuple[str, ...] = ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port")
 
 
@@ -55,6 +59,13 @@ METRICS: Dict[str, MetricDef] = dict(
            "Time from SYN sent to connection established (outbound connections).", TCP_LABELS),
         _d("meshlens_tcp_rtt_seconds", "histogram", "Smoothed round-trip time of each connection at close.", TCP_LABELS),
         _d("meshlens_tcp_connection_duration_seconds", "histogram", "Lifetime of closed TCP connections.", TCP_LABELS),
+        # ---- service map edges (client -> server, per workload) ----
+        _d("meshlens_edge_requests", "counter", "HTTP requests from the client workload to the server workload.", EDGE_LABELS),
+        _d("meshlens_edge_request_errors", "counter", "HTTP requests on the edge answered with a 5xx status.", EDGE_LABELS),
+        _d("meshlens_edge_sent_bytes", "counter", "TCP payload bytes sent from client to server on the edge.", EDGE_LABELS),
+        _d("meshlens_edge_received_bytes", "counter", "TCP payload bytes sent from server back to client.", EDGE_LABELS),
+        _d("meshlens_edge_connections_opened", "counter", "TCP connections opened on the edge.", EDGE_LABELS),
+        _d("meshlens_edge_connections_active", "gauge", "TCP connections open on the edge.", EDGE_LABELS),
         # ---- the agent itself ----
         _d("meshlens_agent_events_read", "counter", "Ring-buffer records read by the agent.", ("source", "type")),
         _d("meshlens_agent_events_lost", "counter",
