@@ -297,6 +297,10 @@ class RingBuffer:
             raise BpfError("ring_buffer__consume", -n)
         return n
 
+    def epoll_fd(self) -> int:
+        """libbpf's epoll fd for this buffer: readable when records are waiting."""
+        return lib.ring_buffer__epoll_fd(self._ptr) if self._ptr else -1
+
     def free(self) -> None:
         if self._ptr:
             lib.ring_buffer__free(self._ptr)

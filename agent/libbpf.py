@@ -121,6 +121,7 @@ _SIGNATURES = {
     "ring_buffer__poll": (c_int, [c_void_p, c_int]),
     "ring_buffer__consume": (c_int, [c_void_p]),
     "ring_buffer__free": (None, [c_void_p]),
+    "ring_buffer__epoll_fd": (c_int, [c_void_p]),
 }
 for _name, (_res, _args) in _SIGNATURES.items():
     _declare(_name, _res, _args)

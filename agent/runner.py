@@ -7,6 +7,7 @@ Sources are listed once, in `default_sources()`.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class Agent:
         self.identity: IdentityView = identity or StandaloneIdentity()
         self.service_map = ServiceMap(config.map_window_s, identity=self.identity)
         self._last_map = float("-inf")
+        self._epoll: Optional[select.epoll] = None
+        self._ready: Dict[int, object] = {}
         self.sweeps = 0
         self._started: List[Source] = []
         self._proc = psutil.Process()
@@ -65,6 +68,9 @@ class Agent:
             raise
 
     def stop(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
         while self._started:
             s = self._started.pop()
             try:
@@ -72,12 +78,28 @@ class Agent:
             except Exception:  # noqa: BLE001 - keep detaching the others
                 log.exception("stopping source %s", s.name)
 
+    def _poller(self) -> "select.epoll":
+        """One epoll over every source's ring buffer, so a busy buffer is never kept waiting
+        behind an idle one."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._ready = {}
+            for s in self._started:
+                for rb in s.ring_buffers():
+                    fd = rb.epoll_fd()
+                    self._epoll.register(fd, select.EPOLLIN)
+                    self._ready[fd] = rb
+        return self._epoll
+
     def step(self, now: float, last_sweep: float) -> float:
-        """Poll ring buffers once; sweep if due. Returns the time of the last sweep."""
-        rbs = [rb for s in self._started for rb in s.ring_buffers()]
-        per = max(1, self.config.poll_timeout_ms // max(1, len(rbs)))
-        for rb in rbs:
-            rb.poll(per)
+        """Wait for ring-buffer records (up to the poll timeout) and consume the ready
+        buffers; sweep if due. Returns the time of the last sweep."""
+        try:
+            events = self._poller().poll(self.config.poll_timeout_ms / 1000)
+        except InterruptedError:
+            events = []
+        for fd, _ in events:
+            self._ready[fd].consume()
         if now - last_sweep >= self.config.sweep_interval_s:
             self.sweep()
             if now - self._last_map >= self.config.map_interval_s:
