@@ -1,0 +1,527 @@
+// SPDX-License-Identifier: GPL-2.0
+/* tc.bpf.c — per-pod traffic seen at the host side of each pod's veth.
+ *
+ * Kernel side of the tc pipeline. Two sched_cls programs (direct-action, attached to the
+ * clsact ingress and egress hooks of every pod's host-side veth by agent/tc_attach.py)
+ * parse Ethernet, up to ML_TC_MAX_VLAN 802.1Q/802.1ad tags, IPv4 (IHL, fragments) or IPv6
+ * (up to ML_TC_MAX_IPV6_EXT extension headers) and TCP flags, and count per
+ * (ifindex, direction) in `ifstats`. A SYN is remembered in `syns` (keyed by its 4-tuple and
+ * interface) until the SYN-ACK passes the same interface the other way; the difference is
+ * the handshake RTT, kept per (interface, role, peer) as a log2 histogram in `rtt`.
+ * Entries whose SYN is never answered are expired by the agent's sweep. Maps are plain
+ * hashes, never LRU: when one is full the update fails and the failure is counted.
+ *
+ * Drops: a tc program only sees packets that reach it, so "drops seen" come from the
+ * skb:kfree_skb tracepoint (real drops: consumed skbs go to skb:consume_skb), filtered to
+ * the devices the agent registered in `tracked` (host-side veth and its pod-side peer,
+ * matched by netns inode and ifindex) and counted by drop reason in `drops`.
+ *
+ * Headers are read with bpf_skb_load_bytes, which bounds-checks against skb->len (the
+ * whole packet, linear head and fragments) rather than data_end (the linear head only):
+ * a header cut off by the end of the packet is a counted parse failure, and a header that
+ * lies in a paged fragment is still parsed. Bytes are skb->len as the programs see it,
+ * which is the L2 frame as the veth's own counters count it.
+ *
+ * Both programs return TC_ACT_UNSPEC: the next filter (or the default action) decides.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "tc.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define TC_ACT_UNSPEC (-1)
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
+#define IPPROTO_HOPOPTS 0
+#define IPPROTO_TCP 6
+#define IPPROTO_ROUTING 43
+#define IPPROTO_FRAGMENT 44
+#define IPPROTO_ESP 50
+#define IPPROTO_AH 51
+#define IPPROTO_NONE 59
+#define IPPROTO_DSTOPTS 60
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* Keep the shared structs in the object's BTF for the mirror test (some are only used as
+ * map keys/values, which BTF records anyway; these are belt and braces). */
+struct ml_tc_if_stats *unused_if_stats __attribute__((unused));
+struct ml_tc_rtt_hist *unused_rtt_hist __attribute__((unused));
+struct ml_tc_dev *unused_dev __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192); /* 2 per interface; resized by the agent before load */
+	__type(key, struct ml_tc_if_key);
+	__type(value, struct ml_tc_if_stats);
+} ifstats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ml_tc_flow_key);
+	__type(value, struct ml_tc_syn);
+} syns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ml_tc_rtt_key);
+	__type(value, struct ml_tc_rtt_hist);
+} rtt SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct ml_tc_dev_key);
+	__type(value, struct ml_tc_dev);
+} tracked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ml_tc_drop_key);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ML_TC_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Atomic although per-CPU: kfree_skb may fire in hard-irq context on top of a tc program. */
+static __always_inline void tc_count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+/* Wire layouts (fixed by the protocols, so no CO-RE). */
+struct ml_vlan {
+	__u16 tci;
+	__u16 proto;
+};
+
+struct ml_ip4 {
+	__u8 ver_ihl;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag_off;
+	__u8 ttl;
+	__u8 proto;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+struct ml_ip6 {
+	__u32 ver_tc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct ml_ip6_ext {
+	__u8 nexthdr;
+	__u8 len;
+	__u16 frag_off; /* fragment header only */
+	__u32 id;       /* fragment header only */
+};
+
+struct ml_tcp {
+	__u16 sport;
+	__u16 dport;
+	__u32 seq;
+	__u32 ack;
+	__u8 doff_res;
+	__u8 flags;
+	__u16 window;
+	__u16 check;
+	__u16 urg;
+};
+
+struct parsed {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 tcp;   /* 1: a TCP header was parsed */
+	__u8 flags; /* TCP flags */
+	__u8 _pad;
+};
+
+enum tc_parse_result {
+	PARSE_L4 = 0,      /* parsed down to L4 (TCP flags valid if p->tcp) */
+	PARSE_NO_L4 = 1,   /* valid, but no L4 header to read (non-IP, later fragment, ESP) */
+	PARSE_FAILED = 2,  /* counted by reason */
+};
+
+static __always_inline int tc_fail(__u32 reason)
+{
+	tc_count(reason);
+	return PARSE_FAILED;
+}
+
+/* The end of the L3 packet: header length field, or skb->len when the field says 0 (BIG TCP
+ * GSO packets) or more than the frame holds. Anything after it is Ethernet padding. */
+static __always_inline __u32 l3_end(struct __sk_buff *skb, __u32 l3_off, __u32 l3_len)
+{
+	if (l3_len == 0 || l3_off + l3_len > skb->len)
+		return skb->len;
+	return l3_off + l3_len;
+}
+
+static __always_inline int parse_tcp(struct __sk_buff *skb, __u32 off, __u32 end, struct parsed *p)
+{
+	struct ml_tcp th;
+	__u32 doff;
+
+	if (off + sizeof(th) > end || bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+		return tc_fail(ML_TC_CNT_SHORT_TCP);
+	doff = (th.doff_res >> 4) * 4;
+	if (doff < sizeof(th))
+		return tc_fail(ML_TC_CNT_BAD_TCP);
+	if (off + doff > end)
+		return tc_fail(ML_TC_CNT_SHORT_TCP);
+	p->sport = bpf_ntohs(th.sport);
+	p->dport = bpf_ntohs(th.dport);
+	p->flags = th.flags;
+	p->tcp = 1;
+	return PARSE_L4;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct parsed *p)
+{
+	struct ml_ip4 ip;
+	__u32 ihl, end, tot;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+		return tc_fail(ML_TC_CNT_SHORT_IPV4);
+	ihl = (ip.ver_ihl & 0x0f) * 4;
+	if ((ip.ver_ihl >> 4) != 4 || ihl < sizeof(ip))
+		return tc_fail(ML_TC_CNT_BAD_IPV4);
+	tot = bpf_ntohs(ip.tot_len);
+	if (tot && tot < ihl)
+		return tc_fail(ML_TC_CNT_BAD_IPV4);
+	end = l3_end(skb, off, tot);
+	if (off + ihl > end)
+		return tc_fail(ML_TC_CNT_SHORT_IPV4);
+	p->family = 4;
+	__builtin_memcpy(p->saddr, &ip.saddr, 4);
+	__builtin_memcpy(p->daddr, &ip.daddr, 4);
+	if (bpf_ntohs(ip.frag_off) & 0x1fff) {
+		tc_count(ML_TC_CNT_FRAGMENTS); /* only the first fragment carries the L4 header */
+		return PARSE_NO_L4;
+	}
+	if (ip.proto != IPPROTO_TCP)
+		return PARSE_L4;
+	return parse_tcp(skb, off + ihl, end, p);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct parsed *p)
+{
+	struct ml_ip6 ip6;
+	struct ml_ip6_ext ext;
+	__u32 end, hlen;
+	__u8 nh;
+	int i;
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+		return tc_fail(ML_TC_CNT_SHORT_IPV6);
+	if ((bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6)
+		return tc_fail(ML_TC_CNT_BAD_IPV6);
+	p->family = 6;
+	__builtin_memcpy(p->saddr, ip6.saddr, 16);
+	__builtin_memcpy(p->daddr, ip6.daddr, 16);
+	off += sizeof(ip6);
+	end = l3_end(skb, off, bpf_ntohs(ip6.payload_len));
+	nh = ip6.nexthdr;
+
+#pragma unroll
+	for (i = 0; i < ML_TC_MAX_IPV6_EXT; i++) {
+		switch (nh) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+		case IPPROTO_AH:
+		case IPPROTO_FRAGMENT:
+			break;
+		case IPPROTO_ESP:
+		case IPPROTO_NONE:
+			tc_count(ML_TC_CNT_IPV6_NO_L4);
+			return PARSE_NO_L4;
+		case IPPROTO_TCP:
+			return parse_tcp(skb, off, end, p);
+		default:
+			return PARSE_L4; /* UDP, ICMPv6, ...: no flags to read */
+		}
+		if (off + 8 > end || bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)))
+			return tc_fail(ML_TC_CNT_SHORT_IPV6_EXT);
+		if (nh == IPPROTO_FRAGMENT) {
+			if (bpf_ntohs(ext.frag_off) & 0xfff8) {
+				tc_count(ML_TC_CNT_FRAGMENTS);
+				return PARSE_NO_L4;
+			}
+			hlen = 8;
+		} else if (nh == IPPROTO_AH) {
+			hlen = ((__u32)ext.len + 2) * 4;
+		} else {
+			hlen = ((__u32)ext.len + 1) * 8;
+		}
+		if (off + hlen > end)
+			return tc_fail(ML_TC_CNT_SHORT_IPV6_EXT);
+		off += hlen;
+		nh = ext.nexthdr;
+	}
+	switch (nh) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_FRAGMENT:
+		return tc_fail(ML_TC_CNT_IPV6_EXT_TOO_DEEP);
+	case IPPROTO_TCP:
+		return parse_tcp(skb, off, end, p);
+	}
+	return PARSE_L4;
+}
+
+static __always_inline int tc_parse(struct __sk_buff *skb, struct parsed *p)
+{
+	__u16 proto;
+	__u32 off = ETH_HLEN;
+	struct ml_vlan vh;
+	int i;
+
+	/* h_proto is the last two bytes of the Ethernet header */
+	if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
+		return tc_fail(ML_TC_CNT_SHORT_ETH);
+#pragma unroll
+	for (i = 0; i < ML_TC_MAX_VLAN; i++) {
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		if (bpf_skb_load_bytes(skb, off, &vh, sizeof(vh)))
+			return tc_fail(ML_TC_CNT_SHORT_VLAN);
+		proto = vh.proto;
+		off += sizeof(vh);
+	}
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return tc_fail(ML_TC_CNT_VLAN_TOO_DEEP);
+	if (proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4(skb, off, p);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(skb, off, p);
+	tc_count(ML_TC_CNT_NON_IP);
+	return PARSE_NO_L4;
+}
+
+static __always_inline struct ml_tc_if_stats *if_stats(struct ml_tc_if_key *key)
+{
+	struct ml_tc_if_stats zero = {};
+	struct ml_tc_if_stats *s = bpf_map_lookup_elem(&ifstats, key);
+
+	if (s)
+		return s;
+	bpf_map_update_elem(&ifstats, key, &zero, BPF_NOEXIST); /* EEXIST if another CPU won */
+	s = bpf_map_lookup_elem(&ifstats, key);
+	if (!s)
+		tc_count(ML_TC_CNT_IFSTATS_FULL);
+	return s;
+}
+
+/* Number of significant bits of us (0 -> 0, 1 -> 1, 2..3 -> 2, ...): the histogram slot. */
+static __always_inline __u32 log2_slot(__u64 us)
+{
+	__u32 bits = 0, shift;
+
+	shift = (us > 0xFFFFFFFFULL) << 5; us >>= shift; bits |= shift;
+	shift = (us > 0xFFFF) << 4; us >>= shift; bits |= shift;
+	shift = (us > 0xFF) << 3; us >>= shift; bits |= shift;
+	shift = (us > 0xF) << 2; us >>= shift; bits |= shift;
+	shift = (us > 0x3) << 1; us >>= shift; bits |= shift;
+	bits |= (us >> 1);
+	return us ? bits + 1 : 0;
+}
+
+static __always_inline void record_rtt(struct ml_tc_flow_key *syn, __u64 rtt_ns)
+{
+	struct ml_tc_rtt_key key = {};
+	struct ml_tc_rtt_hist zero = {};
+	struct ml_tc_rtt_hist *h;
+	__u32 slot;
+
+	key.ifindex = syn->ifindex;
+	key.family = syn->family;
+	/* The endpoint behind the interface sent the SYN if it came in on ingress. */
+	key.role = syn->direction == ML_TC_INGRESS ? ML_TC_ROLE_CLIENT : ML_TC_ROLE_SERVER;
+	if (key.role == ML_TC_ROLE_CLIENT)
+		__builtin_memcpy(key.peer, syn->daddr, 16);
+	else
+		__builtin_memcpy(key.peer, syn->saddr, 16);
+	h = bpf_map_lookup_elem(&rtt, &key);
+	if (!h) {
+		bpf_map_update_elem(&rtt, &key, &zero, BPF_NOEXIST);
+		h = bpf_map_lookup_elem(&rtt, &key);
+		if (!h) {
+			tc_count(ML_TC_CNT_RTT_FULL);
+			return;
+		}
+	}
+	slot = log2_slot(rtt_ns / 1000);
+	if (slot >= ML_TC_RTT_SLOTS)
+		slot = ML_TC_RTT_SLOTS - 1;
+	h->count += 1;
+	h->sum_ns += rtt_ns;
+	barrier_var(slot); /* keep the mask below: it is what the verifier needs to see */
+	h->slots[slot & (ML_TC_RTT_SLOTS - 1)] += 1;
+}
+
+static __always_inline void track_handshake(struct __sk_buff *skb, struct parsed *p, __u32 dir)
+{
+	struct ml_tc_flow_key key = {};
+	struct ml_tc_syn *waiting;
+	struct ml_tc_syn syn;
+	__u8 f = p->flags;
+
+	key.ifindex = skb->ifindex;
+	key.family = p->family;
+	if ((f & TCP_SYN) && !(f & TCP_ACK)) {
+		__builtin_memcpy(key.saddr, p->saddr, 16);
+		__builtin_memcpy(key.daddr, p->daddr, 16);
+		key.sport = p->sport;
+		key.dport = p->dport;
+		key.direction = dir;
+		if (bpf_map_lookup_elem(&syns, &key))
+			tc_count(ML_TC_CNT_SYN_RETRANSMITS);
+		syn.ts_ns = bpf_ktime_get_ns();
+		if (bpf_map_update_elem(&syns, &key, &syn, BPF_ANY))
+			tc_count(ML_TC_CNT_SYNS_FULL);
+		return;
+	}
+	if (!(f & (TCP_SYN | TCP_RST)))
+		return;
+	/* A SYN-ACK or RST answers the SYN that went the other way on this interface. */
+	__builtin_memcpy(key.saddr, p->daddr, 16);
+	__builtin_memcpy(key.daddr, p->saddr, 16);
+	key.sport = p->dport;
+	key.dport = p->sport;
+	key.direction = dir == ML_TC_INGRESS ? ML_TC_EGRESS : ML_TC_INGRESS;
+	waiting = bpf_map_lookup_elem(&syns, &key);
+	if (!waiting) {
+		if (f & TCP_SYN)
+			tc_count(ML_TC_CNT_SYNACK_UNMATCHED);
+		return;
+	}
+	if (f & TCP_SYN) {
+		__u64 now = bpf_ktime_get_ns();
+		__u64 then = waiting->ts_ns;
+
+		record_rtt(&key, now > then ? now - then : 0);
+	} else {
+		tc_count(ML_TC_CNT_SYN_RESET);
+	}
+	bpf_map_delete_elem(&syns, &key);
+}
+
+static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir)
+{
+	struct ml_tc_if_key key = { .ifindex = skb->ifindex, .direction = dir };
+	struct ml_tc_if_stats *s = if_stats(&key);
+	struct parsed p = {};
+	__u32 segs = skb->gso_segs;
+	int res;
+
+	tc_count(ML_TC_CNT_PACKETS);
+	res = tc_parse(skb, &p);
+	if (!s)
+		goto out;
+	s->packets += 1;
+	s->bytes += skb->len;
+	s->segs += segs > 1 ? segs : 1;
+	if (res == PARSE_FAILED) {
+		s->parse_failures += 1;
+		goto out;
+	}
+	if (res != PARSE_L4 || !p.tcp)
+		goto out;
+	if (p.flags & TCP_SYN) {
+		if (p.flags & TCP_ACK)
+			s->tcp_synack += 1;
+		else
+			s->tcp_syn += 1;
+	}
+	if (p.flags & TCP_FIN)
+		s->tcp_fin += 1;
+	if (p.flags & TCP_RST)
+		s->tcp_rst += 1;
+out:
+	if (res == PARSE_L4 && p.tcp)
+		track_handshake(skb, &p, dir);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int meshlens_tc_in(struct __sk_buff *skb)
+{
+	return tc_handle(skb, ML_TC_INGRESS);
+}
+
+SEC("tc")
+int meshlens_tc_eg(struct __sk_buff *skb)
+{
+	return tc_handle(skb, ML_TC_EGRESS);
+}
+
+SEC("tp/skb/kfree_skb")
+int handle_tc_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
+{
+	struct sk_buff *skb = ctx->skbaddr;
+	struct ml_tc_dev_key dk = {};
+	struct ml_tc_drop_key key = {};
+	struct net_device *dev;
+	struct ml_tc_dev *t;
+	__u64 one = 1, *v;
+	__u32 reason;
+
+	dev = BPF_CORE_READ(skb, dev);
+	if (!dev)
+		return 0;
+	dk.ifindex = BPF_CORE_READ(dev, ifindex);
+	dk.netns = BPF_CORE_READ(dev, nd_net.net, ns.inum);
+	t = bpf_map_lookup_elem(&tracked, &dk);
+	if (!t)
+		return 0;
+	tc_count(ML_TC_CNT_DROPS_SEEN);
+	reason = ctx->reason;
+	key.ifindex = t->host_ifindex;
+	key.side = t->side;
+	key.reason = reason > ML_TC_DROP_REASON_MAX ? ML_TC_DROP_REASON_MAX : reason;
+	v = bpf_map_lookup_elem(&drops, &key);
+	if (v) {
+		__sync_fetch_and_add(v, 1);
+		return 0;
+	}
+	if (bpf_map_update_elem(&drops, &key, &one, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(&drops, &key);
+		if (v)
+			__sync_fetch_and_add(v, 1);
+		else
+			tc_count(ML_TC_CNT_DROPS_FULL);
+	}
+	return 0;
+}
