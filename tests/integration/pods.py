@@ -82,6 +82,8 @@ class _Registry:
     def add(self, kind: str, value: Any) -> None:
         with self.lock:
             target = getattr(self, kind)
+            if kind == "processes":  # forget reaped ones, so long runs do not accumulate
+                target[:] = [proc for proc in target if proc.returncode is None]
             if isinstance(target, list):
                 target.append(value)
             else:
@@ -305,6 +307,14 @@ def _kill_cgroup(path: str, timeout: float = KILL_WAIT_S) -> None:
         log.warning("cgroup %s still has processes %s", path, _cgroup_procs(path))
 
 
+def _quietly(what: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run a cleanup step; log instead of raising."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("cleanup step %r failed: %s", what, exc)
+
+
 def _kill_quiet(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -395,7 +405,8 @@ def parse_snmp6(text: str) -> dict[str, int]:
     return out
 
 
-def _read_thread_net(name: str) -> str:
+def read_thread_net(name: str) -> str:
+    """/proc/net/<name> of the calling thread's netns (use inside run_in_netns / Pod.in_netns)."""
     with open(f"/proc/thread-self/net/{name}") as proc_file:
         return proc_file.read()
 
@@ -529,12 +540,13 @@ class Pod:
         self._closed = True
         for proc in self.processes:
             stop_process(proc)
-        _kill_cgroup(self.cgroup_path)
+        _quietly("kill cgroup", _kill_cgroup, self.cgroup_path)
         _delete_link_quiet(self.host_veth)
         _remove_netns_quiet(self.netns)
         with _REGISTRY.lock:
             _REGISTRY.live_cgroups.discard(self.cgroup_path)
-        _remove_empty_test_dirs(self._own_cgroups + _ancestors(self.cgroup_path, self.node.cgroup_root))
+        _quietly("remove cgroups", _remove_empty_test_dirs,
+                 self._own_cgroups + _ancestors(self.cgroup_path, self.node.cgroup_root))
 
     def __enter__(self) -> "Pod":
         return self
@@ -570,6 +582,7 @@ class Pod:
         if "preexec_fn" in popen_kwargs:
             raise ValueError("Pod.popen sets its own preexec_fn")
         popen_kwargs.setdefault("start_new_session", True)
+        _libc()  # load before fork: the child must not dlopen
         fd = os.open(netns_path(self.netns), os.O_RDONLY | os.O_CLOEXEC)
         try:
             proc = subprocess.Popen(list(argv), preexec_fn=self._preexec(fd), **popen_kwargs)
@@ -607,15 +620,15 @@ class Pod:
 
     def snmp(self) -> dict[str, dict[str, int]]:
         """/proc/net/snmp of the pod's netns, e.g. pod.snmp()["Tcp"]["RetransSegs"]."""
-        return parse_snmp(self.in_netns(_read_thread_net, "snmp"))
+        return parse_snmp(self.in_netns(read_thread_net, "snmp"))
 
     def netstat(self) -> dict[str, dict[str, int]]:
         """/proc/net/netstat of the pod's netns, e.g. pod.netstat()["TcpExt"]["TCPTimeouts"]."""
-        return parse_snmp(self.in_netns(_read_thread_net, "netstat"))
+        return parse_snmp(self.in_netns(read_thread_net, "netstat"))
 
     def snmp6(self) -> dict[str, int]:
         """/proc/net/snmp6 of the pod's netns, e.g. pod.snmp6()["Ip6InReceives"]."""
-        return parse_snmp6(self.in_netns(_read_thread_net, "snmp6"))
+        return parse_snmp6(self.in_netns(read_thread_net, "snmp6"))
 
     # -- loss injection
 
@@ -697,6 +710,8 @@ class Node:
         """Create a pod: netns ml-<name>-<hex6>, veth to the bridge, .N and ::N, a container cgroup."""
         if self._closed:
             raise RuntimeError("node is closed")
+        if not name or "/" in name or any(ch.isspace() for ch in name):
+            raise ValueError(f"bad pod name {name!r}")
         with self._lock:
             host = self._next_host
             self._next_host += 1
@@ -726,7 +741,7 @@ class Node:
         for pod in reversed(self.pods):
             pod.close()
         _delete_link_quiet(self.bridge)
-        _remove_registered_cgroup_parents()
+        _quietly("remove cgroups", _remove_registered_cgroup_parents)
         with _REGISTRY.lock:
             if self in _REGISTRY.nodes:
                 _REGISTRY.nodes.remove(self)
@@ -754,16 +769,20 @@ def _remove_registered_cgroup_parents() -> None:
 def _cgroup_leftover(path: str, ours: set[str]) -> bool:
     """Is this registered cgroup dir a leftover? Empty ones are removed, shared ones skipped.
 
-    Decided on one snapshot of its subdirs, re-evaluated a few times, because a concurrent
-    run may empty or fill a shared parent at any moment.
+    A dir holding a cgroup of another run, directly or deeper, is shared and not ours to
+    report. Decided on one snapshot of its subdirs and re-evaluated if one of ours vanished
+    meanwhile, because a concurrent run may empty or fill a shared parent at any moment.
     """
     for _ in range(3):
         try:
             subdirs = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return False
-        if any(sub not in ours for sub in subdirs):
-            return False
+        not_leftover = [sub for sub in subdirs if sub not in ours or not _cgroup_leftover(sub, ours)]
+        if any(sub not in ours or os.path.isdir(sub) for sub in not_leftover):
+            return False  # another run's cgroup is inside
+        if not_leftover:
+            continue  # one of ours was just removed: look again
         if subdirs or _cgroup_procs(path) or _REGISTRY.in_use(path):
             return True
         _rmdir_quiet(path)

@@ -26,13 +26,14 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
-from tests.integration.pods import Pod, _read_thread_net, register_process, stop_process
+from tests.integration.pods import Pod, read_thread_net, register_process, stop_process
 
 TCP_LISTEN = "0A"
 UDP_UNCONNECTED = "07"
 DEFAULT_BYTE_SIZES = (1, 613, 4099, 100003)
+S = TypeVar("S", bound="_Server")
 
 
 # --------------------------------------------------------------------------- common helpers
@@ -58,8 +59,8 @@ def _listening_ports(tables: Mapping[str, str], state: str) -> set[int]:
 def _read_socket_tables(pod: Optional[Pod], proto: str) -> dict[str, str]:
     names = (proto, proto + "6")
     if pod is None:
-        return {name: _read_thread_net(name) for name in names}
-    return {name: pod.in_netns(_read_thread_net, name) for name in names}
+        return {name: read_thread_net(name) for name in names}
+    return {name: pod.in_netns(read_thread_net, name) for name in names}
 
 
 def wait_listening(
@@ -127,7 +128,7 @@ class _Server:
             stop_process(proc, signal.SIGTERM, timeout=5.0)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *exc: object) -> None:

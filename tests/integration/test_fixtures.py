@@ -164,6 +164,21 @@ def test_close_leaves_nothing_behind() -> None:
     assert not [x for x in leftovers(everything=True) if any(n in x for n in names + [pod.netns])]
 
 
+def test_kubepods_parent_shared_with_another_run_is_not_a_leftover() -> None:
+    node = Node()
+    pod = node.add_pod("a")
+    qos_slice = os.path.dirname(os.path.dirname(pod.cgroup_path))
+    foreign = os.path.join(qos_slice, "kubepods-besteffort-podforeign.slice")  # another run's pod
+    os.mkdir(foreign)
+    try:
+        node.close()
+        assert leftovers() == []
+        assert os.path.isdir(foreign) and not os.path.exists(pod.cgroup_path)
+    finally:
+        os.rmdir(foreign)
+    assert leftovers() == []  # the parents, empty now, are removed rather than reported
+
+
 # --------------------------------------------------------------------------- nginx
 
 
