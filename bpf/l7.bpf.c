@@ -808,10 +808,183 @@ static __always_inline int is_skip_state(__u8 st)
 	return st == S_BODY || st == S_CHUNK_DATA || st == S_EOF;
 }
 
+#define LE_CONTENT_ 0x2d746e65746e6f63ULL   /* "content-" */
+#define LE_LENGTH_ 0x3a6874676e656cULL      /* "length:" (7 bytes) */
+#define LE_TRANSFER 0x726566736e617274ULL   /* "transfer" */
+#define LE_ENCODIN 0x6e69646f636e652dULL    /* "-encodin" */
+#define LE_HTTP11 0x312e312f50545448ULL     /* "HTTP/1.1" */
+#define LE_HTTP10 0x302e312f50545448ULL     /* "HTTP/1.0" */
+#define LOWER8 0x2020202020202020ULL
+#define ONES8 0x0101010101010101ULL
+#define HIGH8 0x8080808080808080ULL
+
+static __always_inline __u64 load64(struct scratch *sc, __u32 off)
+{
+	return *(__u64 *)(sc->buf + (off & (WIN - 1)));
+}
+
+static __always_inline __u8 byte_at(struct scratch *sc, __u32 off)
+{
+	return sc->buf[off & (WIN - 1)];
+}
+
+/* 0x80 in each byte lane of x equal to b, exact in the lowest lane (the classic test). */
+static __always_inline __u64 byte_mask(__u64 x, __u64 b)
+{
+	__u64 v = x ^ (ONES8 * b);
+	return (v - ONES8) & ~v & HIGH8;
+}
+
+static __always_inline int has_byte(__u64 x, __u64 b)
+{
+	return byte_mask(x, b) != 0;
+}
+
+/* Index of the lowest lane set in a non-zero byte_mask(). */
+static __always_inline __u32 first_lane(__u64 m)
+{
+	__u32 i = 0;
+
+	if (!(m & 0xffffffffULL)) {
+		i += 4;
+		m >>= 32;
+	}
+	if (!(m & 0xffffULL)) {
+		i += 2;
+		m >>= 16;
+	}
+	if (!(m & 0xffULL))
+		i += 1;
+	return i;
+}
+
+static __always_inline int is_digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* Word-at-a-time shortcuts for the common shapes (status line, request method, header names
+ * we care about, bytes we skip to the end of a line). Returns bytes consumed, 0 to let the
+ * byte parser take the next byte. Only used when the whole word is inside the window, and
+ * every shortcut ends in the same state the byte parser would reach. */
+static __always_inline __u32 fast_path(struct scratch *sc, struct stream *s)
+{
+	__u32 pos = sc->pos, n = sc->n;
+	__u64 w, w1;
+	__u8 b;
+
+	if (pos + 8 > n)
+		return 0;
+	w = load64(sc, pos);
+	switch (s->state) {
+	case S_START:
+		if (pos + 16 > n)
+			return 0;
+		if (!sc->is_req) {
+			if ((w != LE_HTTP11 && w != LE_HTTP10) || byte_at(sc, pos + 8) != ' ' ||
+			    !is_digit(byte_at(sc, pos + 9)) || !is_digit(byte_at(sc, pos + 10)) ||
+			    !is_digit(byte_at(sc, pos + 11)))
+				return 0;
+			start_message(sc, s);
+			s->status = (byte_at(sc, pos + 9) - '0') * 100 + (byte_at(sc, pos + 10) - '0') * 10 +
+				    (byte_at(sc, pos + 11) - '0');
+			s->state = S_REASON;
+			s->hdr_bytes = 12;
+			return 12;
+		}
+		switch ((__u32)w) {
+		case 0x20544547: /* "GET " */
+			b = ML_M_GET;
+			break;
+		case 0x20545550: /* "PUT " */
+			b = ML_M_PUT;
+			break;
+		case 0x54534f50: /* "POST" */
+			if (byte_at(sc, pos + 4) != ' ')
+				return 0;
+			b = ML_M_POST;
+			break;
+		case 0x44414548: /* "HEAD" */
+			if (byte_at(sc, pos + 4) != ' ')
+				return 0;
+			b = ML_M_HEAD;
+			break;
+		default:
+			return 0;
+		}
+		start_message(sc, s);
+		s->method = b;
+		s->state = S_PATH;
+		b = (b == ML_M_POST || b == ML_M_HEAD) ? 5 : 4;
+		s->hdr_bytes = b;
+		return b;
+	case S_HEADERS:
+		if (s->pos == 0) {
+			if (pos + 24 > n)
+				return 0;
+			b = byte_at(sc, pos);
+			if (b == '\r' || b == '\n')
+				return 0;
+			w |= LOWER8;
+			w1 = load64(sc, pos + 8) | LOWER8;
+			if (w == LE_CONTENT_ && (w1 & 0x00ffffffffffffffULL) == LE_LENGTH_) {
+				s->hmatch = HM_VAL_CL;
+				s->acc = 0;
+				s->pos = 15;
+				s->hdr_bytes += 15;
+				return 15;
+			}
+			if (w == LE_TRANSFER && w1 == LE_ENCODIN && (byte_at(sc, pos + 16) | 0x20) == 'g' &&
+			    byte_at(sc, pos + 17) == ':') {
+				s->hmatch = HM_VAL_TE;
+				s->acc = 0;
+				s->pos = 18;
+				s->hdr_bytes += 18;
+				return 18;
+			}
+			s->hmatch = HM_OTHER;
+			s->pos = 1;
+			s->hdr_bytes += 1;
+			return 1;
+		}
+		if (s->hmatch != HM_OTHER)
+			return 0;
+		goto to_newline;
+	case S_REQ_VERSION:
+	case S_REASON:
+		goto to_newline;
+	case S_QUERY:
+		if (has_byte(w, '\n') || has_byte(w, ' '))
+			return 0;
+		break;
+	default:
+		return 0;
+	}
+	/* eight bytes that cannot end the line (or the query) */
+	s->hdr_bytes += 8;
+	if (s->pos < 247)
+		s->pos += 8;
+	return 8;
+
+to_newline:
+	/* skip up to the line's '\n', which the byte parser then takes */
+	w1 = byte_mask(w, '\n');
+	b = w1 ? first_lane(w1) : 8;
+	s->hdr_bytes += b;
+	if (s->pos < 247)
+		s->pos += b;
+	return b;
+}
+
+struct loop_ctx {
+	struct scratch *sc;
+};
+
 static long step(__u32 index, void *ctx)
 {
-	struct scratch *sc = get_scratch();
+	struct scratch *sc = ((struct loop_ctx *)ctx)->sc;
 	struct stream *s;
+	__u32 fast;
 	__u8 c;
 	int h;
 
@@ -820,6 +993,15 @@ static long step(__u32 index, void *ctx)
 	s = sc->is_out ? &sc->c.out : &sc->c.in;
 	if (is_skip_state(s->state)) {
 		sc->pos += skip_body(sc, s, sc->n - sc->pos);
+		return 0;
+	}
+	fast = fast_path(sc, s);
+	if (fast) {
+		sc->pos += fast;
+		if (s->hdr_bytes > HDR_MAX) {
+			giveup(sc, ML_L7_ERR_HEADER_TOO_LARGE);
+			return 1;
+		}
 		return 0;
 	}
 	c = sc->buf[sc->pos & (WIN - 1)];
@@ -986,6 +1168,7 @@ bad_start:
 __noinline int ml_consume(__u64 ptr, __u64 len)
 {
 	struct scratch *sc = get_scratch();
+	struct loop_ctx lc;
 	struct stream *s;
 	__u64 off = 0, n;
 	int w;
@@ -1009,7 +1192,8 @@ __noinline int ml_consume(__u64 ptr, __u64 len)
 		}
 		sc->pos = 0;
 		sc->n = n;
-		bpf_loop(WIN, step, NULL, 0);
+		lc.sc = sc;
+		bpf_loop(WIN, step, &lc, 0);
 		off += sc->pos;
 	}
 	if (off < len && !sc->stop) {
