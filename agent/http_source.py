@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
 
-from . import bpf
+from . import bpf, libbpf
+from .libbpf import lib as _lib
 from .attach import Signal, Variant, load_with_fallback
 from .histogram import Histogram
 from .kernel_features import KernelFeatures
@@ -54,21 +55,36 @@ log = logging.getLogger("meshlens.http")
 _SYSCALLS = ("read", "write", "recvfrom", "sendto", "recvmsg", "sendmsg", "readv", "writev")
 
 
-def _syscall_variant(names: Tuple[str, ...]) -> Variant:
-    progs, targets = [], []
-    for n in names:
-        progs += [f"enter_{n}", f"exit_{n}"]
-        targets += [f"syscalls/sys_enter_{n}", f"syscalls/sys_exit_{n}"]
+EXIT_PROGRAM = "exit_syscall"   # one exit program, attached to every sys_exit_<name> below
+
+
+def _syscall_variant(names: Tuple[str, ...], with_exit: bool) -> Variant:
+    progs = [f"enter_{n}" for n in names] + ([EXIT_PROGRAM] if with_exit else [])
+    targets = [f"syscalls/sys_{d}_{n}" for n in names for d in ("enter", "exit")]
     return Variant("tracepoint", "tracepoint", tuple(progs), tuple(targets))
 
 
 SIGNALS = (
-    Signal("l7_payload", (_syscall_variant(_SYSCALLS),)),
+    Signal("l7_payload", (_syscall_variant(_SYSCALLS, True),)),
     Signal("l7_close", (Variant("tracepoint", "tracepoint", ("enter_close", "l7_set_state"),
                                 ("syscalls/sys_enter_close", "sock/inet_sock_set_state")),)),
     # glibc sends a lookup's A and AAAA queries with one sendmmsg
-    Signal("dns_sendmmsg", (_syscall_variant(("sendmmsg",)),), required=False),
+    Signal("dns_sendmmsg", (_syscall_variant(("sendmmsg",), False),), required=False),
 )
+
+_lib.bpf_program__attach_tracepoint.restype = ctypes.c_void_p
+_lib.bpf_program__attach_tracepoint.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+
+
+def _attach_tracepoint(obj: bpf.BpfObject, program: str, category: str, name: str) -> None:
+    """Attach an already attached program to one more tracepoint (libbpf attaches by section
+    only once). The link joins the object's links, so close() detaches it."""
+    prog = obj.program(program)
+    with libbpf.capture_log() as lines:
+        ptr = _lib.bpf_program__attach_tracepoint(prog._ptr, category.encode(), name.encode())
+    if not ptr:
+        raise bpf.BpfError(f"attach {program} to {category}/{name}", libbpf.get_errno(), lines)
+    obj.links.append(bpf.Link(ptr, program))
 
 
 @dataclass(frozen=True)
@@ -176,7 +192,15 @@ class HttpSource(Source):
 
     def start(self) -> None:
         self.obj, self._choices = load_with_fallback(bpf.object_path("l7"), SIGNALS, self.features, self._configure)
-        self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
+        try:
+            chosen = {c.signal for c in self._choices if c.chosen}
+            exits = [n for n in _SYSCALLS if n != "read"] + (["sendmmsg"] if "dns_sendmmsg" in chosen else [])
+            for n in exits:
+                _attach_tracepoint(self.obj, EXIT_PROGRAM, "syscalls", f"sys_exit_{n}")
+            self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
+        except Exception:
+            self.stop()
+            raise
         for ch in self._choices:
             log.info("l7: %s via %s", ch.signal, ch.chosen)
 

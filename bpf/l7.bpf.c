@@ -1481,14 +1481,21 @@ static __always_inline int on_exit(struct trace_event_raw_sys_exit *ctx)
 	return 0;
 }
 
+/* One exit program for every captured syscall: the agent attaches it to each sys_exit_*
+ * tracepoint (libbpf attaches it here by section; the rest by name), so the parser is
+ * verified once instead of once per syscall. */
+SEC("tp/syscalls/sys_exit_read")
+int exit_syscall(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_exit(ctx);
+}
+
 SEC("tp/syscalls/sys_enter_read")
 int enter_read(struct trace_event_raw_sys_enter *ctx)
 {
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, 0, K_BUF, 0);
 }
 
-SEC("tp/syscalls/sys_exit_read")
-int exit_read(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_write")
 int enter_write(struct trace_event_raw_sys_enter *ctx)
@@ -1496,8 +1503,6 @@ int enter_write(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, 0, K_BUF, 1);
 }
 
-SEC("tp/syscalls/sys_exit_write")
-int exit_write(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
@@ -1507,8 +1512,6 @@ int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], ctx->args[4], 0, K_BUF, 0);
 }
 
-SEC("tp/syscalls/sys_exit_recvfrom")
-int exit_recvfrom(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_sendto")
 int enter_sendto(struct trace_event_raw_sys_enter *ctx)
@@ -1516,8 +1519,6 @@ int enter_sendto(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], ctx->args[4], 0, K_BUF, 1);
 }
 
-SEC("tp/syscalls/sys_exit_sendto")
-int exit_sendto(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_recvmsg")
 int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
@@ -1527,8 +1528,6 @@ int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, 0, K_MSG, 0);
 }
 
-SEC("tp/syscalls/sys_exit_recvmsg")
-int exit_recvmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_sendmsg")
 int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
@@ -1536,8 +1535,6 @@ int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, 0, K_MSG, 1);
 }
 
-SEC("tp/syscalls/sys_exit_sendmsg")
-int exit_sendmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_readv")
 int enter_readv(struct trace_event_raw_sys_enter *ctx)
@@ -1545,8 +1542,6 @@ int enter_readv(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, ctx->args[2], K_IOV, 0);
 }
 
-SEC("tp/syscalls/sys_exit_readv")
-int exit_readv(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_writev")
 int enter_writev(struct trace_event_raw_sys_enter *ctx)
@@ -1554,8 +1549,6 @@ int enter_writev(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, ctx->args[2], K_IOV, 1);
 }
 
-SEC("tp/syscalls/sys_exit_writev")
-int exit_writev(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_sendmmsg")
 int enter_sendmmsg(struct trace_event_raw_sys_enter *ctx)
@@ -1563,8 +1556,6 @@ int enter_sendmmsg(struct trace_event_raw_sys_enter *ctx)
 	return stash(ctx, ctx->args[0], ctx->args[1], 0, ctx->args[2], K_MMSG, 1);
 }
 
-SEC("tp/syscalls/sys_exit_sendmmsg")
-int exit_sendmmsg(struct trace_event_raw_sys_exit *ctx) { return on_exit(ctx); }
 
 SEC("tp/syscalls/sys_enter_close")
 int enter_close(struct trace_event_raw_sys_enter *ctx)
