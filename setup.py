@@ -38,6 +38,7 @@ setup(
         "psutil>=5.9",
         "grpcio>=1.50",
         "fastapi>=0.100",
+        "kubernetes>=30",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2"]},
     entry_points={"console_scripts": ["meshlens=meshlens.agent.cli:main"]},
