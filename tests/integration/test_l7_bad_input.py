@@ -133,3 +133,32 @@ def test_http_on_a_non_standard_port(l7, env) -> None:
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_full_stats_map_overflows_exactly_and_tap_samples(env) -> None:
+    """A tiny kernel stats map: requests that find no room travel as overflow records, idle
+    entries are retired to user space, and counts stay exact. The tap samples 1 in 2."""
+    web, client, nginx = env
+    gen = started_source(stats_max_entries=4, sample_every=2)
+    src = next(gen)
+    try:
+        settle(src, 0.1)
+        before = counts_by_request(series_for(src, web, "server", 80))
+        tap0 = len(src.snapshot().tap)
+        n_log = len(nginx.access_log_entries())
+        paths = [f"/status/{c}" for c in (200, 201, 204, 404, 500, 503)] + ["/static/index.html", "/bytes/613"]
+        run_py(client, "import http.client, sys\n"
+                       "c = http.client.HTTPConnection(sys.argv[1], 80)\n"
+                       "for p in sys.argv[2:]:\n"
+                       "    c.request('GET', p); c.getresponse().read()\n",
+               web.ipv4, *(paths * 3))
+        entries = nginx.access_log_entries(expect=n_log + 3 * len(paths))[n_log:]
+        settle(src, 0.5)
+        got = diff_counts(counts_by_request(series_for(src, web, "server", 80)), before)
+        assert got == log_counts(entries)
+        assert src.snapshot().overflow_records > 0
+        assert src.kernel_counters()["stats_full"] > 0
+        assert len(src.snapshot().tap) > tap0
+    finally:
+        for _ in gen:
+            pass
