@@ -96,6 +96,7 @@ class HttpConfig:
     routes: RouteConfig = field(default_factory=RouteConfig)
     tap_len: int = 1000
     idle_evict_s: float = 300.0        # kernel entries unchanged this long move to user space
+    retired_ttl_s: float = 900.0       # ...and their series stop being exported this much later
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,9 @@ class HttpSource(Source):
         self.decode_errors = 0
         self._retired: Dict[HttpSeriesKey, HttpStats] = {}   # overflow records + evicted entries
         self._last_change: Dict[bytes, Tuple[int, float]] = {}  # kernel key -> (count, when it changed)
+        self._retired_touched: Dict[HttpSeriesKey, float] = {}
         self.evicted = 0
+        self.retired_expired = 0
         self._overflow_records = 0
         self._tap: Deque[TapRecord] = collections.deque(maxlen=config.tap_len)
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
@@ -246,7 +249,9 @@ class HttpSource(Source):
             # the kernel map was full: aggregate here, under the series key (routes are
             # capped, so this stays bounded); the path text always precedes its request
             self._overflow_records += 1
-            st = self._retired.setdefault(self._series_key(ev.key), HttpStats())
+            key = self._series_key(ev.key)
+            st = self._retired.setdefault(key, HttpStats())
+            self._retired_touched[key] = time.monotonic()
             st.count += 1
             st.duration.observe(ev.duration_ns / 1e9)
             if req is not None:
@@ -296,12 +301,21 @@ class HttpSource(Source):
                 if m.delete_raw(kraw):
                     self.evicted += 1
                     self._retired.setdefault(sk, HttpStats()).add_kernel(v)
+                    self._retired_touched[sk] = now
                     self._last_change.pop(kraw, None)
                     continue
             seen.add(kraw)
             series.setdefault(sk, HttpStats()).add_kernel(v)
+            if sk in self._retired_touched:
+                self._retired_touched[sk] = now   # still alive in the kernel: keep its history
         for kraw in [k for k in self._last_change if k not in seen]:
             del self._last_change[kraw]
+        for sk in [k for k, t in self._retired_touched.items() if now - t >= self.config.retired_ttl_s]:
+            # a series nothing has added to for the TTL (a workload that went away) expires,
+            # so user-space memory stays bounded
+            self._retired.pop(sk, None)
+            del self._retired_touched[sk]
+            self.retired_expired += 1
         for sk, st in self._retired.items():
             series.setdefault(sk, HttpStats()).merge(st)
         sums = self.obj.map("l7_counters").percpu_u64_sums()
