@@ -49,7 +49,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshlens.exporter.collector import make_registry
     from meshlens.exporter.http_server import serve_metrics
 
+    from meshlens.exporter.http_server import parse_addr
+
     err = _positive(args)
+    if err is None:
+        try:
+            parse_addr(args.metrics_addr)  # refuse bad input before touching the kernel
+        except ValueError as exc:
+            err = str(exc)
     if err:
         print(f"meshlens: {err}", file=sys.stderr)
         return 2
