@@ -208,3 +208,65 @@ def test_wrk_counts_match_nginx_and_wrk(l7, env) -> None:
     assert res["requests"] <= cli[key] <= len(entries)
     print(f"wrk: {res['requests']} requests ({res['rps']:.0f}/s); nginx log {len(entries)}; "
           f"agent server {srv[key]}, client {cli[key]}")
+
+
+CHUNKED_SERVER = r'''
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        if self.path.startswith("/chunked"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            # chunk data that looks like a response, one chunk per write
+            for part in (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"x" * 3000, b"HTTP/1.1 500 "):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            body = b"HTTP/1.1 404 Not Found\r\n\r\n"
+            self.send_response(202)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+HTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+'''
+
+CHUNKED_CLIENT = r'''
+import http.client, sys, time
+for _ in range(50):
+    try:
+        c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2])); c.connect(); break
+    except OSError:
+        time.sleep(0.1)
+for p in ["/chunked/1", "/plain", "/chunked/2", "/chunked/3", "/plain"]:
+    c.request("GET", p)
+    r = c.getresponse()
+    r.read()
+print("done")
+'''
+
+
+def test_chunked_responses_with_response_like_bodies(l7, env) -> None:
+    """Keep-alive responses with chunked bodies whose chunks (and a Content-Length body)
+    start like responses: counted once each, on both sides."""
+    _node, web, client, _nginx = env
+    port = 18998
+    srv = web.popen(["python3", "-c", CHUNKED_SERVER, str(port)])
+    try:
+        settle(l7, 0.1)
+        cli0 = counts_by_request(series_for(l7, client, "client", port))
+        srv0 = counts_by_request(series_for(l7, web, "server", port))
+        assert run_py(client, CHUNKED_CLIENT, web.ipv4, str(port)).strip() == "done"
+        settle(l7)
+        want = {("GET", 200, "/chunked/{id}"): 3, ("GET", 202, "/plain"): 2}
+        assert diff_counts(counts_by_request(series_for(l7, client, "client", port)), cli0) == want
+        assert diff_counts(counts_by_request(series_for(l7, web, "server", port)), srv0) == want
+    finally:
+        srv.kill()
+        srv.wait()
