@@ -69,3 +69,11 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+
+
+def cleanup_stale_tc_filters() -> int:
+    """Remove meshlens tc filters whose program no live process holds (a crashed agent's),
+    before new ones are attached; a live agent's filters are left alone. Returns how many."""
+    from .tc_attach import remove_stale_filters
+
+    return len(remove_stale_filters())

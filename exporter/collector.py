@@ -15,12 +15,13 @@ from .dns_metrics import dns_families
 from .http_metrics import http_families
 from .service_map_metrics import edge_families
 from .tcp_metrics import tcp_families
+from .tc_metrics import tc_families
 
 log = logging.getLogger("meshlens.exporter")
 
 Builder = Callable[[AgentSnapshot], Iterable[object]]
 
-BUILDERS: List[Builder] = [tcp_families, http_families, dns_families, edge_families, agent_families]
+BUILDERS: List[Builder] = [tcp_families, http_families, dns_families, edge_families, tc_families, agent_families]
 
 
 class MeshlensCollector(Collector):

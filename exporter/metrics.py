@@ -21,6 +21,7 @@ EDGE_LABELS: Tuple[str, ...] = (
     "k8s_namespace_name", "k8s_owner_kind", "k8s_owner_name",
     "peer_k8s_namespace_name", "peer_k8s_owner_kind", "peer_k8s_owner_name",
 )
+POD_IF_LABELS: Tuple[str, ...] = ("interface", "netns")
 TCP_LABELS: Tuple[str, ...] = ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port")
 
 
@@ -66,6 +67,16 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_edge_received_bytes", "counter", "TCP payload bytes sent from server back to client.", EDGE_LABELS),
         _d("meshlens_edge_connections_opened", "counter", "TCP connections opened on the edge.", EDGE_LABELS),
         _d("meshlens_edge_connections_active", "gauge", "TCP connections open on the edge.", EDGE_LABELS),
+        # ---- tc: pod interfaces (host-side veth; ingress = sent by the pod) ----
+        _d("meshlens_pod_interface_info", "gauge", "Interfaces the tc programs watch (value 1); netns is the pod's network namespace inode.", POD_IF_LABELS + ("ifindex", "kind", "attached")),
+        _d("meshlens_pod_interface_packets", "counter", "Packets (skbs, as the interface counts them) seen by tc on a pod's host-side veth.", POD_IF_LABELS + ("direction",)),
+        _d("meshlens_pod_interface_bytes", "counter", "Bytes (L2 frames, as the interface counts them) seen by tc on a pod's host-side veth.", POD_IF_LABELS + ("direction",)),
+        _d("meshlens_pod_interface_segments", "counter", "Packets after GSO segmentation (max(1, gso_segs) per skb).", POD_IF_LABELS + ("direction",)),
+        _d("meshlens_pod_interface_tcp_flags", "counter", "TCP segments by flag (syn: SYN without ACK, synack, fin, rst).", POD_IF_LABELS + ("direction", "flag")),
+        _d("meshlens_pod_interface_parse_failures", "counter", "Frames whose headers tc could not parse (reasons in meshlens_tc_parse_failures_total).", POD_IF_LABELS + ("direction",)),
+        _d("meshlens_pod_interface_drops", "counter", "Packets dropped by the kernel on a watched device (skb:kfree_skb), by side (host veth or pod eth0) and kernel drop reason.", POD_IF_LABELS + ("side", "reason")),
+        _d("meshlens_pod_interface_handshake_rtt_seconds", "histogram", "Time from a SYN to its SYN-ACK passing the pod's veth, per peer; role client: the pod sent the SYN.", POD_IF_LABELS + ("role", "network_peer_address")),
+        _d("meshlens_tc_parse_failures", "counter", "Frames tc could not parse, by reason (short_*: cut off; bad_*: invalid header; *_too_deep: over the walk limit).", ("reason",)),
         # ---- the agent itself ----
         _d("meshlens_agent_events_read", "counter", "Ring-buffer records read by the agent.", ("source", "type")),
         _d("meshlens_agent_events_lost", "counter",

@@ -1,0 +1,67 @@
+"""Builds the meshlens_pod_interface_* and meshlens_tc_* families from the tc area of an
+AgentSnapshot (agent/tc_source.TcSnapshot).
+
+Labels: `interface` (host-side veth name) and `netns` (inode of the pod's network namespace,
+which the identity layer maps to a pod); both bounded by the pods on the node. The handshake
+RTT histogram adds `network_peer_address`, bounded by the kernel `rtt` map (4096 entries by
+default; beyond that samples are counted in meshlens_agent_events_lost{reason="rtt_full"}).
+Series of a removed interface stop with the sweep after it disappears.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+from meshlens.agent.snapshot import AgentSnapshot
+from meshlens.agent.tc_source import InterfaceInfo, TcSnapshot
+from meshlens.agent.tc_structs import rtt_bucket_bounds
+
+from .metrics import family
+
+_FLAGS = (("syn", "tcp_syn"), ("synack", "tcp_synack"), ("fin", "tcp_fin"), ("rst", "tcp_rst"))
+
+
+def _labels(info: InterfaceInfo | None, ifindex: int) -> List[str]:
+    if info is None:
+        return [f"ifindex{ifindex}", "0"]
+    return [info.name, str(info.peer_netns)]
+
+
+def _cumulative(slots) -> List[tuple]:
+    bounds = rtt_bucket_bounds()
+    out, acc = [], 0
+    for bound, n in zip(bounds, slots):
+        acc += n
+        out.append((repr(bound), acc))
+    out.append(("+Inf", sum(slots)))
+    return out
+
+
+def tc_families(snap: AgentSnapshot) -> Iterable[object]:
+    tc = snap.areas.get("tc")
+    if not isinstance(tc, TcSnapshot):
+        return []
+    info = family("meshlens_pod_interface_info")
+    for i in sorted(tc.interfaces.values(), key=lambda x: x.ifindex):
+        info.add_metric(_labels(i, i.ifindex) + [str(i.ifindex), i.kind, str(i.attached).lower()], 1)
+    packets, nbytes = family("meshlens_pod_interface_packets"), family("meshlens_pod_interface_bytes")
+    segs, flags = family("meshlens_pod_interface_segments"), family("meshlens_pod_interface_tcp_flags")
+    failures = family("meshlens_pod_interface_parse_failures")
+    for (ifindex, direction), c in sorted(tc.counters.items()):
+        base = _labels(tc.interfaces.get(ifindex), ifindex) + [direction]
+        packets.add_metric(base, c.packets)
+        nbytes.add_metric(base, c.bytes)
+        segs.add_metric(base, c.segs)
+        failures.add_metric(base, c.parse_failures)
+        for flag, attr in _FLAGS:
+            flags.add_metric(base + [flag], getattr(c, attr))
+    drops = family("meshlens_pod_interface_drops")
+    for (ifindex, side, reason), n in sorted(tc.drops.items()):
+        drops.add_metric(_labels(tc.interfaces.get(ifindex), ifindex) + [side, reason], n)
+    rtt = family("meshlens_pod_interface_handshake_rtt_seconds")
+    for (ifindex, role, peer), h in sorted(tc.rtt.items()):
+        if h.count:
+            rtt.add_metric(_labels(tc.interfaces.get(ifindex), ifindex) + [role, peer], _cumulative(h.slots), h.sum_s)
+    reasons = family("meshlens_tc_parse_failures")
+    for reason, n in sorted(tc.parse_failures.items()):
+        reasons.add_metric([reason], n)
+    return [info, packets, nbytes, segs, flags, failures, drops, rtt, reasons]
