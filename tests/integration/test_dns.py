@@ -85,3 +85,13 @@ def test_glibc_resolver_sendmmsg(l7, env) -> None:
     settle(l7)
     got = delta(counts(l7, client), before)
     assert got == {("A", "NoError"): 1, ("AAAA", "NoError"): 1, ("A", "NXDomain"): 1, ("AAAA", "NXDomain"): 1}, got
+
+
+def test_ipv6_server(l7, env) -> None:
+    dns_pod, client, _dnsmasq = env
+    settle(l7, 0.1)
+    before = counts(l7, client)
+    assert dns_query(client, dns_pod.ipv6, "db.meshlens.test", "AAAA")["answers"] == ["fd00::4"]
+    settle(l7)
+    assert delta(counts(l7, client), before) == {("AAAA", "NoError"): 1}
+    assert any(k.server_address == dns_pod.ipv6 for k in dns_series(l7.dns.snapshot(), client))
