@@ -213,5 +213,6 @@ class NetnsLocator:
         return None
 
     def forget(self, netns: int) -> None:
+        """Drop a cached answer (a netns inode can be reused after its namespace is gone)."""
         with self._lock:
             self._cache.pop(netns, None)
