@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from .identity_setup import add_identity_arguments, identity_from_args
 from .lifecycle import DEFAULT_STATE_DIR, AlreadyRunning, InstanceLock, cleanup_stale_pins, install_stop_handlers
 from .runner import Agent, AgentConfig, default_sources
 from .tcp_source import TcpConfig
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
+    add_identity_arguments(run)
     sub.add_parser("check", help="check that this kernel can run the agent")
     return p
 
@@ -55,6 +57,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if err is None:
         try:
             parse_addr(args.metrics_addr)  # refuse bad input before touching the kernel
+        except ValueError as exc:
+            err = str(exc)
+    if err is None:
+        try:
+            identity = identity_from_args(args)  # started with the agent; its view names series
         except ValueError as exc:
             err = str(exc)
     if err:
@@ -82,11 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
         return 1
     try:
+        identity.start()
         server, _ = serve_metrics(make_registry(agent.snapshot), args.metrics_addr)
         log.info("meshlens running: metrics on http://%s/metrics", args.metrics_addr)
         agent.run(stop)
         server.shutdown()
     finally:
+        identity.stop()
         agent.stop()
         lock.release()
         log.info("meshlens stopped: all programs detached")
