@@ -40,6 +40,7 @@ class PodInfo:
     host_network: bool
     config_hash: str = ""    # static pods
     template_hash: str = ""  # label pod-template-hash (Deployment pods)
+    finished: bool = False   # phase Succeeded/Failed: its IP may already belong to another pod
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def pod_info(obj: Dict[str, Any]) -> PodInfo:
         host_network=bool(spec.get("hostNetwork")),
         config_hash=(m.get("annotations") or {}).get(CONFIG_HASH, ""),
         template_hash=(m.get("labels") or {}).get("pod-template-hash", ""),
+        finished=status.get("phase") in ("Succeeded", "Failed"),
     )
 
 
@@ -222,7 +224,8 @@ class ClusterState:
 
     def _reindex(self) -> None:
         """Rebuild the lookup indexes (on the first lookup after a change). Live objects win over
-        tombstones for the same key: an IP reused by a new pod names the new pod."""
+        tombstones for the same key, and running pods over finished ones (a Succeeded pod keeps
+        its podIP in status after the IP went to another pod): an IP reused names the new pod."""
         if not self._index_dirty:
             return
         by_uid: Dict[str, PodInfo] = {}
@@ -236,7 +239,8 @@ class ClusterState:
                 by_uid[pod.config_hash] = pod
             if not pod.host_network:
                 by_ip.update((ip, pod) for ip in pod.ips)
-        for pod in self._pods.values():
+        live = sorted(self._pods.values(), key=lambda p: not p.finished)   # running pods last: they win
+        for pod in live:
             by_uid[pod.uid] = pod
             if pod.config_hash:
                 by_uid[pod.config_hash] = pod

@@ -87,6 +87,8 @@ def api_client(kubeconfig: Optional[str] = None, in_cluster: Optional[bool] = No
         else:
             k8s_config.load_kube_config(client_configuration=cfg)
     cfg.retries = False
+    # one streaming connection per watched resource plus lists: more than the default pool on small nodes
+    cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, 2 * len(ALL_RESOURCES))
     return k8s.ApiClient(cfg)
 
 

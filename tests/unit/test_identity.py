@@ -206,6 +206,15 @@ def test_recreated_pod_of_the_same_name_is_not_expired_and_owns_a_reused_ip(reso
     assert db == Workload("shop", "db-0", "StatefulSet", "db") and not resolver.expired(db)
 
 
+def test_a_finished_pod_does_not_keep_its_reused_ip(resolver: IdentityResolver) -> None:
+    new = pod_object("cache-1", "shop", "44444444-2222-4333-8444-555555555555", "10.244.1.15")
+    resolver.state.apply("pods", "ADDED", new)
+    done = next(o for o in load_objects("pods") if o["metadata"]["name"] == "report-28745100-h7x2z")
+    done["status"]["phase"] = "Succeeded"          # still lists podIP 10.244.1.15
+    resolver.state.apply("pods", "MODIFIED", done)
+    assert resolver.peer("10.244.1.15").pod == "cache-1"
+
+
 def test_deleted_service_expires(resolver: IdentityResolver, clock: Clock) -> None:
     svc = next(o for o in load_objects("services") if o["metadata"]["name"] == "frontend")
     resolver.state.apply("services", "DELETED", svc)
