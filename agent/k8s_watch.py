@@ -46,6 +46,7 @@ POD, SERVICE, ENDPOINTSLICE = "pods", "services", "endpointslices"
 REPLICASET, DEPLOYMENT, DAEMONSET, STATEFULSET, JOB = "replicasets", "deployments", "daemonsets", "statefulsets", "jobs"
 ALL_RESOURCES: Tuple[str, ...] = (POD, SERVICE, ENDPOINTSLICE, REPLICASET, DEPLOYMENT, DAEMONSET, STATEFULSET, JOB)
 HTTP_GONE = 410
+MIN_QUIET_WATCH_S = 1.0   # a watch closed sooner than this with no event backs off before the next
 
 
 class WatchSink(Protocol):
@@ -130,6 +131,7 @@ class WatchStatus:
     watches_total: int = 0        # watch requests opened (resumes included)
     events_total: int = 0
     errors_total: int = 0
+    rejected_total: int = 0       # objects or lists the sink could not take (skipped)
     last_sync_unix: float = 0.0   # wall time of the last completed list
     last_event_unix: float = 0.0
     resource_version: str = ""
@@ -241,8 +243,13 @@ class KubeWatcher:
             try:
                 if not rv:
                     rv = self._list(resource, fn)
-                self._watch(resource, fn, rv)
-                failures = 0
+                started = time.monotonic()
+                events = self._watch(resource, fn, rv)
+                if events or time.monotonic() - started >= MIN_QUIET_WATCH_S:
+                    failures = 0
+                else:  # closed at once with nothing in it (a proxy?): do not spin
+                    self._stop.wait(self.config.backoff.delay(failures, self._rng))
+                    failures += 1
             except _Gone:
                 log.info("k8s %s: resourceVersion %s too old, re-listing", resource, rv)
                 self._resume[resource] = ""
@@ -288,15 +295,17 @@ class KubeWatcher:
             token = page_meta.get("continue") or None
             if not token:
                 break
-        self.sink.replace(resource, items)
+        self._deliver(resource, lambda: self.sink.replace(resource, items))
         self._resume[resource] = rv
         self._count(resource, "lists_total", up=True, synced=True, objects=len(items),
                     last_sync_unix=self._wall(), resource_version=rv, last_error="")
         return rv
 
-    def _watch(self, resource: str, fn: Callable[..., Any], rv: str) -> None:
-        """Watch from `rv` until the stream ends; each event's resourceVersion is recorded in
-        the status at once, so a broken stream resumes from the last one seen."""
+    def _watch(self, resource: str, fn: Callable[..., Any], rv: str) -> int:
+        """Watch from `rv` until the stream ends; return how many events (bookmarks included)
+        came. Each event's resourceVersion is recorded at once, so a broken stream resumes
+        from the last one seen."""
+        seen = 0
         w = k8s_watch.Watch(return_type=object)   # events' objects stay plain dicts
 
         def call(**kwargs: Any) -> Any:
@@ -320,15 +329,16 @@ class KubeWatcher:
             kwargs["field_selector"] = f"spec.nodeName={self.config.node_name}"
         with self._lock:
             if self._stop.is_set():
-                return
+                return 0
             self._watches[resource] = w
         try:
             for event in w.stream(call, **kwargs):
+                seen += 1
                 event_type = event.get("type", "")
                 obj = event.get("raw_object") or {}
                 new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
                 if event_type in ("ADDED", "MODIFIED", "DELETED"):
-                    self.sink.apply(resource, event_type, obj)
+                    self._deliver(resource, lambda: self.sink.apply(resource, event_type, obj))
                     self._count(resource, "events_total", last_event_unix=self._wall(),
                                 objects=self._objects(resource))
                 if new_rv:
@@ -346,6 +356,16 @@ class KubeWatcher:
             with self._lock:
                 self._watches.pop(resource, None)
                 self._streams.pop(resource, None)
+        return seen
+
+    def _deliver(self, resource: str, call: Callable[[], None]) -> None:
+        """Hand data to the sink; an object the sink cannot digest is counted and skipped, so
+        one odd object cannot stop the watch (retrying it would fail forever)."""
+        try:
+            call()
+        except Exception:  # noqa: BLE001
+            log.exception("k8s %s: the sink rejected an object; skipped", resource)
+            self._count(resource, "rejected_total")
 
     def _objects(self, resource: str) -> int:
         """How many objects the sink holds for `resource`, if it can tell (a `count` method)."""

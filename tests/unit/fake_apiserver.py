@@ -114,6 +114,7 @@ class FakeApiServer:
         self.watch_poll_s = watch_poll_s
         self.gone_as_http = gone_as_http
         self.fail_lists = 0            # the next N list requests get a 500
+        self.watch_timeout_s: Optional[float] = None   # end every watch (cleanly) after this long
         self.requests: List[Tuple[str, Dict[str, str]]] = []
         self.open_watches = 0
         self._connections: set = set()
@@ -298,6 +299,8 @@ class FakeApiServer:
         or when the test cuts watches (then raises ConnectionAbortedError)."""
         since = int(query.get("resourceVersion") or 0)
         timeout = float(query.get("timeoutSeconds") or 3600)
+        if self.watch_timeout_s is not None:
+            timeout = min(timeout, self.watch_timeout_s)
         deadline = time.monotonic() + timeout
         selector = query.get("fieldSelector", "")
         with self._lock:

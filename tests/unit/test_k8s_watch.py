@@ -243,3 +243,37 @@ def test_watch_never_raises_into_the_caller_on_garbage(server: FakeApiServer) ->
     finally:
         w.stop()
         w.api.close()
+
+
+class PickySink(RecordingSink):
+    def apply(self, resource: str, event_type: str, obj: Dict[str, Any]) -> None:
+        if obj["metadata"]["name"] == "poison":
+            raise KeyError("spec")
+        super().apply(resource, event_type, obj)
+
+
+def test_an_object_the_sink_rejects_is_skipped_not_retried_forever(server: FakeApiServer) -> None:
+    sink = PickySink()
+    w = start(server, sink, resources=(POD,))
+    try:
+        server.add(pod_object("poison", "shop", "71111111-2222-4333-8444-555555555555", "10.244.1.60"))
+        server.add(pod_object("fine", "shop", "81111111-2222-4333-8444-555555555555", "10.244.1.61"))
+        eventually(lambda: "fine" in sink.names(POD))
+        st = w.status()[POD]
+        assert st.rejected_total == 1 and st.errors_total == 0 and st.up
+    finally:
+        w.stop()
+        w.api.close()
+
+
+def test_watches_closed_at_once_do_not_spin(server: FakeApiServer) -> None:
+    server.watch_timeout_s = 0.0
+    sink = RecordingSink()
+    w = start(server, sink, resources=(POD,), backoff=Backoff(base_s=0.1, cap_s=0.2))
+    try:
+        time.sleep(1.0)
+        assert 2 <= len(server.watch_requests("Pod")) <= 15
+        assert w.status()[POD].errors_total == 0 and w.status()[POD].lists_total == 1
+    finally:
+        w.stop()
+        w.api.close()
