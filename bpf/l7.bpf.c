@@ -252,30 +252,26 @@ static __always_inline struct scratch *get_scratch(void)
 
 /* ---- fd -> sock ------------------------------------------------------------------- */
 
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+/* fd -> struct sock with direct (BTF, fault-safe) loads instead of one helper call per
+ * pointer: this runs at every read/write-family syscall on the node, sockets or not. */
 static __always_inline struct sock *fd_to_sock(int fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	struct file **fds, *file = NULL;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
+	struct file *file = NULL, *f;
 	struct socket *sock;
-	__u32 max;
-	umode_t mode;
 
-	if (!fdt || fd < 0)
+	if (fd < 0 || (__u32)fd >= fdt->max_fds)
 		return NULL;
-	max = BPF_CORE_READ(fdt, max_fds);
-	if ((__u32)fd >= max)
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
 		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+	f = bpf_rdonly_cast(file, bpf_core_type_id_kernel(struct file));
+	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
 		return NULL;
-	mode = BPF_CORE_READ(file, f_inode, i_mode);
-	if ((mode & S_IFMT) != S_IFSOCK)
-		return NULL;
-	sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return NULL;
-	return BPF_CORE_READ(sock, sk);
+	sock = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
+	return sock->sk;
 }
 
 static __always_inline int stash(void *ctx, int fd, __u64 buf, __u64 addr, __u32 vlen, __u8 kind, __u8 is_write)
@@ -291,10 +287,10 @@ static __always_inline int stash(void *ctx, int fd, __u64 buf, __u64 addr, __u32
 	sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
-	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	proto = BPF_CORE_READ(sk, sk_protocol);
+	proto = sk->sk_protocol;
 	if (proto == IPPROTO_TCP) {
 		key = (__u64)sk;
 		struct conn *c = bpf_map_lookup_elem(&http_conns, &key);
@@ -355,30 +351,32 @@ static __always_inline __u32 size_bucket(__u64 b)
 	return ML_SIZE_BUCKETS - 1;
 }
 
-static __always_inline void fill_key(struct ml_http_key *k, struct sock *sk, __u8 role)
+static __always_inline void fill_key(struct ml_http_key *k, __u64 skp, __u8 role)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	struct sock *sk = bpf_rdonly_cast((void *)skp, bpf_core_type_id_kernel(struct sock));
+	struct sock_common *c = &sk->__sk_common;
+	__u16 family = c->skc_family;
 
 	k->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&k->comm, sizeof(k->comm));
-	k->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	k->netns = c->skc_net.net->ns.inum;
 	k->family = family;
 	k->role = role;
 	if (role == ML_ROLE_SERVER) {
-		k->server_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		k->server_port = c->skc_num;
 		if (family == AF_INET) {
-			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_rcv_saddr);
-			BPF_CORE_READ_INTO(&k->client_addr, sk, __sk_common.skc_daddr);
+			*(__u32 *)k->server_addr = c->skc_rcv_saddr;
+			*(__u32 *)k->client_addr = c->skc_daddr;
 		} else {
-			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_v6_rcv_saddr);
-			BPF_CORE_READ_INTO(&k->client_addr, sk, __sk_common.skc_v6_daddr);
+			__builtin_memcpy(k->server_addr, &c->skc_v6_rcv_saddr, 16);
+			__builtin_memcpy(k->client_addr, &c->skc_v6_daddr, 16);
 		}
 	} else {
-		k->server_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		k->server_port = bpf_ntohs(c->skc_dport);
 		if (family == AF_INET)
-			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_daddr);
+			*(__u32 *)k->server_addr = c->skc_daddr;
 		else
-			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_v6_daddr);
+			__builtin_memcpy(k->server_addr, &c->skc_v6_daddr, 16);
 	}
 }
 
@@ -426,7 +424,7 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 	if (resp_known)
 		flags |= ML_HTTP_F_RESP_SIZE;
 
-	fill_key(&k, (struct sock *)sc->sk, sc->c.role);
+	fill_key(&k, sc->sk, sc->c.role);
 	k.path_id = p->path_id;
 	k.status = resp->status;
 	k.method = p->method;
