@@ -63,6 +63,7 @@ def _parse(path: str) -> Optional[ContainerCgroup]:
     return parse_cgroup_path(path)
 
 
+@lru_cache(maxsize=65536)
 def normalize_address(address: str) -> str:
     """Canonical text of an IP address; IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes a.b.c.d."""
     try:
@@ -80,8 +81,9 @@ class CidrNames:
     def __init__(self, names: Mapping[str, str]) -> None:
         nets = [(ipaddress.ip_network(cidr, strict=False), name) for cidr, name in names.items()]
         self._nets = sorted(nets, key=lambda n: n[0].prefixlen, reverse=True)
+        self.name = lru_cache(maxsize=65536)(self._name)  # type: ignore[method-assign]
 
-    def name(self, address: str) -> Optional[str]:
+    def _name(self, address: str) -> Optional[str]:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
