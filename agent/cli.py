@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
     install_stop_handlers(stop)
-    agent = Agent(config)
+    agent = Agent(config, identity=identity.view, watch_status=identity.status)
     try:
         agent.start()
     except Exception as exc:  # noqa: BLE001 - one clear line, details in the log

@@ -53,6 +53,10 @@ class IdentityView(Protocol):
     def peer(self, address: str) -> Workload:
         """The remote side: a pod IP, a ClusterIP service, or an external address."""
 
+    def expired(self, workload: Workload) -> bool:
+        """True once the workload's pod (or service) was deleted more than a TTL ago: its
+        series stop being exported."""
+
 
 class StandaloneIdentity:
     """No Kubernetes: the local side is named by its process; peers by their address."""
@@ -62,3 +66,6 @@ class StandaloneIdentity:
 
     def peer(self, address: str) -> Workload:
         return external(address)
+
+    def expired(self, workload: Workload) -> bool:
+        return False

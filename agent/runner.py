@@ -11,7 +11,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import psutil
 
@@ -22,6 +22,7 @@ from .service_map import ServiceMap
 from .snapshot import AgentSnapshot, ProcessStats
 from .source import Source
 from .tcp_source import TcpConfig, TcpSource
+from .tc_source import TcConfig, TcSource
 from .http_source import HttpConfig, l7_sources
 
 log = logging.getLogger("meshlens.runner")
@@ -38,17 +39,20 @@ class AgentConfig:
 
 
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
-    return [TcpSource(config.tcp, features), *l7_sources(config.http, features)]
+    return [TcpSource(config.tcp, features), *l7_sources(config.http, features), TcSource(TcConfig(), features)]
 
 
 class Agent:
     def __init__(self, config: AgentConfig = AgentConfig(), sources: Optional[List[Source]] = None,
-                 features: Optional[KernelFeatures] = None, identity: Optional[IdentityView] = None) -> None:
+                 features: Optional[KernelFeatures] = None, identity: Optional[IdentityView] = None,
+                 watch_status: Callable[[], Dict[str, object]] = dict) -> None:
         self.config = config
         self.features = features or KernelFeatures.probe()
         self.sources = sources if sources is not None else default_sources(config, self.features)
-        self.cgroups = CgroupResolver()
         self.identity: IdentityView = identity or StandaloneIdentity()
+        # one cgroup cache for naming and identity
+        self.cgroups: CgroupResolver = getattr(self.identity, "cgroups", None) or CgroupResolver()
+        self._watch_status = watch_status
         self.service_map = ServiceMap(config.map_window_s, identity=self.identity)
         self._last_map = float("-inf")
         self._epoll: Optional[select.epoll] = None
@@ -138,6 +142,7 @@ class Agent:
                 sweeps=self.sweeps,
                 identity=self.identity,
                 service_map=self.service_map,
+                watch=self._watch_status(),
             )
 
     def __enter__(self) -> "Agent":

@@ -26,3 +26,4 @@ class AgentSnapshot:
     sweeps: int = 0
     identity: IdentityView = field(default_factory=StandaloneIdentity)
     service_map: Optional[object] = None     # agent.service_map.ServiceMap
+    watch: Dict[str, object] = field(default_factory=dict)  # resource -> k8s_watch.WatchStatus

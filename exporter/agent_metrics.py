@@ -42,4 +42,22 @@ def agent_families(snap: AgentSnapshot) -> Iterable[object]:
     rss.add_metric([], snap.process.rss_bytes)
     sweeps = family("meshlens_agent_sweeps")
     sweeps.add_metric([], snap.sweeps)
-    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, cpu, rss, sweeps]
+    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, cpu, rss, sweeps, *watch_families(snap)]
+
+
+def watch_families(snap: AgentSnapshot) -> Iterable[object]:
+    """Health of the Kubernetes list+watch per resource (nothing in standalone mode)."""
+    if not snap.watch:
+        return []
+    fams = {n: family(n) for n in ("meshlens_k8s_watch_up", "meshlens_k8s_watch_errors", "meshlens_k8s_watch_events",
+                                   "meshlens_k8s_watch_relists", "meshlens_k8s_objects",
+                                   "meshlens_k8s_watch_last_sync_timestamp_seconds")}
+    for resource, st in sorted(snap.watch.items()):
+        fams["meshlens_k8s_watch_up"].add_metric([resource], 1 if st.up else 0)
+        fams["meshlens_k8s_watch_errors"].add_metric([resource], st.errors_total)
+        fams["meshlens_k8s_watch_events"].add_metric([resource], st.events_total)
+        fams["meshlens_k8s_watch_relists"].add_metric([resource], st.relists_gone_total)
+        fams["meshlens_k8s_objects"].add_metric([resource], st.objects)
+        if st.last_sync_unix:
+            fams["meshlens_k8s_watch_last_sync_timestamp_seconds"].add_metric([resource], st.last_sync_unix)
+    return list(fams.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+from meshlens.agent.identity_model import LOCAL_LABELS, PEER_LABELS
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 EDGE_LABELS: Tuple[str, ...] = (
@@ -22,7 +23,9 @@ EDGE_LABELS: Tuple[str, ...] = (
     "peer_k8s_namespace_name", "peer_k8s_owner_kind", "peer_k8s_owner_name",
 )
 POD_IF_LABELS: Tuple[str, ...] = ("interface", "netns")
-TCP_LABELS: Tuple[str, ...] = ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port")
+TCP_LABELS: Tuple[str, ...] = (
+    ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port") + LOCAL_LABELS + PEER_LABELS
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,14 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_agent_cpu_seconds", "counter", "CPU time used by the agent process.", ("mode",)),
         _d("meshlens_agent_resident_memory_bytes", "gauge", "Resident memory of the agent process.", ()),
         _d("meshlens_agent_sweeps", "counter", "Map sweeps completed.", ()),
+        # ---- Kubernetes watch (identity) ----
+        _d("meshlens_k8s_watch_up", "gauge", "1 while the list+watch of a resource is healthy.", ("resource",)),
+        _d("meshlens_k8s_watch_errors", "counter", "Failed lists and watches, by resource.", ("resource",)),
+        _d("meshlens_k8s_watch_events", "counter", "Watch events applied, by resource.", ("resource",)),
+        _d("meshlens_k8s_watch_relists", "counter", "Full re-lists after 410 Gone, by resource.", ("resource",)),
+        _d("meshlens_k8s_objects", "gauge", "Objects of each resource in the agent's cluster view.", ("resource",)),
+        _d("meshlens_k8s_watch_last_sync_timestamp_seconds", "gauge",
+           "Unix time of the last successful list of each resource.", ("resource",)),
     ]
 )
 

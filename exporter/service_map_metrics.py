@@ -31,6 +31,8 @@ def edge_families(snap: AgentSnapshot) -> Iterable[object]:
         return []
     per_workload: Dict[Tuple[str, ...], List[int]] = {}
     for (client, server), t in sm.totals().items():
+        if snap.identity.expired(client) or snap.identity.expired(server):
+            continue
         key = _side(client) + _side(server)
         acc = per_workload.setdefault(key, [0] * (len(_COUNTERS) + 1))
         for i, (_, attr) in enumerate(_COUNTERS):

@@ -1,12 +1,12 @@
 """Builds the meshlens_tcp_* families from the tcp area of an AgentSnapshot (a FlowSnapshot)."""
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
-from meshlens.agent.flows import FlowSnapshot, RollupKey
+from meshlens.agent.flows import OVERFLOW, FlowSnapshot, RollupKey
 from meshlens.agent.snapshot import AgentSnapshot
 
-from .metrics import family
+from .metrics import TCP_LABELS, family
 
 _COUNTERS = (
     ("meshlens_tcp_connections_opened", "opened"),
@@ -24,16 +24,26 @@ _HISTOGRAMS = (
 )
 
 
-def tcp_labels(key: RollupKey, snap: AgentSnapshot) -> List[str]:
-    cgroup = key.process if key.cgroup_id == 0 and key.direction == "__overflow__" else snap.cgroup_path(key.cgroup_id)
-    return [key.direction, key.process, cgroup, str(key.netns), key.peer_address, str(key.server_port)]
+def tcp_labels(key: RollupKey, snap: AgentSnapshot) -> Optional[List[str]]:
+    """Label values in TCP_LABELS order, or None when the series belongs to a pod deleted
+    more than the identity TTL ago (it stops being exported)."""
+    if key.direction == OVERFLOW:
+        return [OVERFLOW] * len(TCP_LABELS)
+    local = snap.identity.local(key.cgroup_id, key.netns, key.process)
+    peer = snap.identity.peer(key.peer_address)
+    if snap.identity.expired(local) or snap.identity.expired(peer):
+        return None
+    base = [key.direction, key.process, snap.cgroup_path(key.cgroup_id), str(key.netns), key.peer_address,
+            str(key.server_port)]
+    return base + list(local.local_labels().values()) + list(peer.peer_labels().values())
 
 
 def tcp_families(snap: AgentSnapshot) -> Iterable[object]:
     flows = snap.areas.get("tcp")
     if not isinstance(flows, FlowSnapshot):
         return []
-    labelled = [(tcp_labels(k, snap), r) for k, r in flows.rollups.items()]
+    labelled = [(labels, r) for labels, r in ((tcp_labels(k, snap), r) for k, r in flows.rollups.items())
+                if labels is not None]
     out = []
     for name, attr in _COUNTERS:
         fam = family(name)

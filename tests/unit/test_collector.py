@@ -9,13 +9,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from meshlens.agent.flows import ConnFacts, FlowTable
+from meshlens.agent.identity_model import Workload
 from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.source import AttachChoice, SourceHealth
 from meshlens.exporter.collector import make_registry
 from meshlens.exporter.metrics import METRICS
 
 
-def snapshot_with(table: FlowTable) -> AgentSnapshot:
+def snapshot_with(table: FlowTable, identity=None) -> AgentSnapshot:
     health = SourceHealth(events_read={"open": 3, "close": 2}, events_lost={"ringbuf_full": 0, "map_full": 4},
                           map_entries={"tcp_conns": 1}, map_capacity={"tcp_conns": 65536},
                           kernel_counters={"send_calls": 11}, callback_errors=0)
@@ -23,22 +24,63 @@ def snapshot_with(table: FlowTable) -> AgentSnapshot:
         areas={"tcp": table.snapshot()}, health={"tcp": health},
         attach={"tcp": [AttachChoice("tcp_bytes", "tracepoint", ["a", "b"], ["fentry: refused"])]},
         process=ProcessStats(1.25, 0.5, 50 << 20), cgroup_path={7: "/kubepods.slice/x.scope"}.get, sweeps=9,
+        **({"identity": identity} if identity is not None else {}),
     )
 
 
-@pytest.fixture
-def registry():
+def one_connection_table() -> FlowTable:
     t = FlowTable()
     f = ConnFacts(sk=1, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
                   local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80)
     t.opened(f, 0.0007)
     t.closed(ConnFacts(**{**f.__dict__, "bytes_sent": 4099, "bytes_received": 613, "srtt_us": 90}), 2.0)
     t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 2}), "refused")
+    return t
+
+
+@pytest.fixture
+def registry():
+    t = one_connection_table()
     return make_registry(lambda: snapshot_with(t))
 
 
+class K8sIdentity:
+    """Names cgroup 7 as a Deployment's pod and 10.0.0.3 as a StatefulSet's pod."""
+
+    def __init__(self, deleted: bool = False) -> None:
+        self.deleted = deleted
+
+    def local(self, cgroup_id, netns, process):
+        return Workload("shop", "web-6f7-x2", "Deployment", "web")
+
+    def peer(self, address):
+        return Workload("shop", "db-0", "StatefulSet", "db")
+
+    def expired(self, workload):
+        return self.deleted and workload.pod == "db-0"
+
+
+def test_kubernetes_names_label_both_ends() -> None:
+    reg = make_registry(lambda: snapshot_with(one_connection_table(), K8sIdentity()))
+    labels = {**LABELS, "k8s_namespace_name": "shop", "k8s_pod_name": "web-6f7-x2", "k8s_owner_kind": "Deployment",
+              "k8s_owner_name": "web", "peer_k8s_namespace_name": "shop", "peer_k8s_pod_name": "db-0",
+              "peer_k8s_owner_kind": "StatefulSet", "peer_k8s_owner_name": "db"}
+    assert reg.get_sample_value("meshlens_tcp_sent_bytes_total", labels) == 4099
+
+
+def test_series_of_expired_pods_are_no_longer_exported() -> None:
+    reg = make_registry(lambda: snapshot_with(one_connection_table(), K8sIdentity(deleted=True)))
+    text = generate_latest(reg).decode()
+    assert "meshlens_tcp_sent_bytes_total{" not in text
+    assert "meshlens_agent_cpu_seconds_total" in text  # the rest of the scrape is intact
+
+
 LABELS = {"direction": "outbound", "process": "curl", "cgroup": "/kubepods.slice/x.scope", "netns": "99",
-          "network_peer_address": "10.0.0.3", "server_port": "80"}
+          "network_peer_address": "10.0.0.3", "server_port": "80",
+          # standalone identity: the process names the local side, the address the peer
+          "k8s_namespace_name": "", "k8s_pod_name": "", "k8s_owner_kind": "process", "k8s_owner_name": "curl",
+          "peer_k8s_namespace_name": "", "peer_k8s_pod_name": "", "peer_k8s_owner_kind": "external",
+          "peer_k8s_owner_name": "10.0.0.3"}
 
 
 def test_tcp_counters_carry_values_and_identity(registry) -> None:
