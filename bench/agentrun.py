@@ -128,8 +128,9 @@ def program_objects() -> Dict[str, str]:
         except ValueError:
             continue
         for t in types:
-            if t.get("kind") == "FUNC":
-                out[str(t["name"])[:15]] = obj.name.split(".")[0]
+            if t.get("kind") == "FUNC":  # bpftool shows the BTF name, the kernel keeps 15 chars
+                name, stem = str(t["name"]), obj.name.split(".")[0]
+                out[name] = out[name[:15]] = stem
     return out
 
 

@@ -22,7 +22,7 @@ class Context:
     @property
     def seconds(self) -> int:
         """Duration of one measured workload run (wrk takes whole seconds)."""
-        return 3 if self.quick else 5
+        return 2 if self.quick else 5
 
     @property
     def testbed(self) -> Testbed:

@@ -67,7 +67,7 @@ def _run_workloads(ctx: Context, agent: Optional[BenchAgent]) -> Dict[str, Dict[
 def run(ctx: Context) -> SectionResult:
     res = SectionResult("overhead", "1. Overhead on workloads")
     modes = ["base"] + ctx.agent_modes
-    blocks = 2 if ctx.quick else 4
+    blocks = 1 if ctx.quick else 4
     rounds: List[Dict[str, Any]] = []
     for block, mode in schedule(modes, blocks):
         with _mode(mode, ctx) as agent:

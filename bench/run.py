@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
+from . import closing as closing_notes
 from .context import Context
 from .env import environment
 from .report import SectionResult, write_reports
@@ -85,21 +86,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     env.update(quick=args.quick, sections=names, default_sources=ctx.default_sources, attached=ctx.attach,
                total_seconds=time.monotonic() - t0, warnings=ctx.warnings, notes=ctx.notes)
     args.out.mkdir(parents=True, exist_ok=True)
-    closing = closing_notes(results, ctx)
+    closing = closing_notes.notes(results, ctx) + [f"note: {n}" for n in ctx.notes]
     write_reports(results, env, closing, args.out / "report.md", args.out / "report.json")
     print(f"bench: wrote {args.out / 'report.md'} and {args.out / 'report.json'} "
           f"in {env['total_seconds']:.0f} s", file=sys.stderr)
     return 0
-
-
-def closing_notes(results: List[SectionResult], ctx: Context) -> List[str]:
-    """One line per missed target (from the sections' own closing advice) plus general notes."""
-    out = list(ctx.closing)
-    if ctx.agent_modes == ["l4"]:
-        out.append(f"`meshlens run` starts only {ctx.default_sources} today, so 'full' = L4: the full-agent targets "
-                   "are evaluated on the L4 agent; they will move once L7 (syscall tracepoints) is registered.")
-    out += [f"note: {n}" for n in ctx.notes]
-    return out
 
 
 if __name__ == "__main__":

@@ -94,17 +94,14 @@ def quiesce(agent: AgentProcess, tb: Testbed, port: int = HTTP_PORT, gap: float 
 
 def settle(agent: AgentProcess, tb: Testbed, before: Dict[str, Any], opens: int, port: int = HTTP_PORT,
            timeout: float = 8.0) -> Dict[str, Any]:
-    """Scrape until the client side shows `opens` closed connections and two scrapes agree."""
+    """Deltas once the client side shows `opens` closed connections and then two scrapes
+    more than a sweep apart agree (every source has folded its maps at least once)."""
     deadline = time.monotonic() + timeout
-    last: Optional[Dict[str, Any]] = None
-    while True:
-        now = read_counters(agent, tb, port)
-        d = delta(before, now)
-        stable = last is not None and all(now[k] == last[k] for k in now if not isinstance(now[k], dict))
-        if (d["cli_closed"] >= opens and stable) or time.monotonic() > deadline:
-            return d
-        last = now
-        time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if delta(before, read_counters(agent, tb, port))["cli_closed"] >= opens:
+            break
+        time.sleep(0.3)
+    return delta(before, quiesce(agent, tb, port))
 
 
 def http_checks(d: Dict[str, Any], wrk: Dict[str, Any], log: Dict[str, int]) -> Dict[str, Error]:
@@ -146,7 +143,7 @@ def http_step(agent: AgentProcess, tb: Testbed, size: int, seconds: int, *, conn
     tb.reset_access_log()
     wrk = tb.http(size, seconds, connections, delay_ms=delay_ms, close=close)
     d = settle(agent, tb, before, wrk["active_opens"])
-    log = tb.access_log_totals(expect=wrk["requests"])
+    log = tb.access_log_totals(expect=wrk["requests"], body_size=size)
     checks = http_checks(d, wrk, log)
     tb.reset_access_log()
     return {"wrk": {k: v for k, v in wrk.items() if k != "text"}, "delta": d, "log": log, "checks": checks,

@@ -71,10 +71,15 @@ class Testbed:
         with open(self.nginx.access_log, "w"):
             pass
 
-    def access_log_totals(self, expect: Optional[int] = None) -> Dict[str, int]:
-        """Requests, bytes_sent and request_length summed over the access log."""
+    def access_log_totals(self, expect: Optional[int] = None, body_size: Optional[int] = None) -> Dict[str, int]:
+        """Requests, bytes_sent and request_length summed over the access log; with
+        body_size, also the responses logged with a shorter body (cut short, e.g. when the
+        load tool stopped mid-request) and their bytes_sent."""
         entries = self.nginx.access_log_entries(expect=expect)
-        return {"requests": len(entries),
+        short = [e for e in entries if body_size is not None and isinstance(e["body_bytes_sent"], int)
+                 and e["body_bytes_sent"] < body_size]
+        return {"requests": len(entries), "short_responses": len(short),
+                "short_bytes_sent": sum(int(e["bytes_sent"]) for e in short if isinstance(e["bytes_sent"], int)),
                 "bytes_sent": sum(int(e["bytes_sent"]) for e in entries if isinstance(e["bytes_sent"], int)),
                 "request_length": sum(int(e["request_length"]) for e in entries if isinstance(e["request_length"], int))}
 
