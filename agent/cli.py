@@ -35,13 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
+    run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
+    run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
     sub.add_parser("check", help="check that this kernel can run the agent")
     return p
 
 
 def _positive(args: argparse.Namespace) -> Optional[str]:
-    for name in ("sweep_interval", "max_flows", "flow_ttl", "conns_map_size"):
+    for name in ("sweep_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive"
     return None
@@ -76,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cleanup_stale_pins()
     config = AgentConfig(
         sweep_interval_s=args.sweep_interval,
+        map_window_s=args.map_window,
+        map_interval_s=args.map_interval,
         tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
     )
     stop = threading.Event()
