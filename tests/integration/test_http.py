@@ -270,3 +270,48 @@ def test_chunked_responses_with_response_like_bodies(l7, env) -> None:
     finally:
         srv.kill()
         srv.wait()
+
+
+MIDSTREAM_CLIENT = r'''
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 80)
+c.request("GET", "/status/200"); c.getresponse().read()
+print("ready", flush=True)
+sys.stdin.readline()                        # the agent starts now
+for p in ("/status/201", "/status/404", "/bytes/613"):
+    c.request("GET", p); c.getresponse().read()
+print("done", flush=True)
+'''
+
+
+def test_agent_started_mid_connection(env) -> None:
+    """Keep-alive connections that predate the agent: the requests after its start count,
+    nothing before does, nothing is invented."""
+    import subprocess
+    import sys as _sys
+
+    _node, web, client, nginx = env
+    proc = client.popen([_sys.executable, "-c", MIDSTREAM_CLIENT, web.ipv4], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        gen = started_source()
+        src = next(gen)
+        try:
+            n_log = len(nginx.access_log_entries())
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+            entries = nginx.access_log_entries(expect=n_log + 3)[n_log:]
+            settle(src)
+            want = log_counts(entries)
+            assert want == {("GET", 201, "/status/{id}"): 1, ("GET", 404, "/status/{id}"): 1,
+                            ("GET", 200, "/bytes/{id}"): 1}
+            assert counts_by_request(series_for(src, web, "server", 80)) == want
+            assert counts_by_request(series_for(src, client, "client", 80)) == want
+        finally:
+            for _ in gen:
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
