@@ -17,6 +17,7 @@ Upstream: the kernel's link notifications. Downstream: agent/tc_source.py (attac
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 log = logging.getLogger("meshlens.links")
 
@@ -144,47 +146,71 @@ class LinkWatcher:
         self.messages = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._sock: Optional[IPRoute] = None
+        self._sock: Optional[socket.socket] = None
+        self.overruns = 0
         self.ready = threading.Event()
 
     def start(self) -> None:
+        # A plain netlink socket (parsed by pyroute2's marshal): pyroute2's own socket object
+        # buffers messages internally, so select() on it can miss what is already read.
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._sock.bind((0, RTMGRP_LINK))  # subscribe before the dump: nothing slips between
         self._thread = threading.Thread(target=self._run, name="meshlens-linkwatch", daemon=True)
         self._thread.start()
 
+    def _dump(self) -> None:
+        """Every current link; links we knew that are gone are reported gone (resync)."""
+        with IPRoute() as ipr:
+            msgs = list(ipr.get_links())
+        present = {m["index"] for m in msgs}
+        for index in [i for i in self.known if i not in present]:
+            self._handle_gone(index)
+        for msg in msgs:
+            self._handle(msg, "RTM_NEWLINK")
+
     def _run(self) -> None:
+        marshal = MarshalRtnl()
         try:
-            # pyroute2 sockets belong to the thread that made them: create it here, and
-            # subscribe before the dump so nothing created in between slips through.
-            self._sock = IPRoute()
-            self._sock.bind(groups=RTMGRP_LINK)
-            with IPRoute() as ipr:
-                for msg in ipr.get_links():
-                    self._handle(msg, "RTM_NEWLINK")
+            self._dump()
             self.ready.set()
             assert self._sock is not None
-            fd = self._sock.fileno()
             while not self._stop.is_set():
-                r, _, _ = select.select([fd], [], [], self.poll_s)
+                r, _, _ = select.select([self._sock], [], [], self.poll_s)
                 if not r:
                     continue
-                for msg in self._sock.get():
+                try:
+                    data = self._sock.recv(1 << 20)
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    self.overruns += 1  # notifications were lost: resynchronise from a dump
+                    log.warning("link notifications overran the socket buffer; resynchronising")
+                    self._dump()
+                    continue
+                for msg in marshal.parse(data):
                     self._handle(msg, msg.get("event"))
         except Exception:  # noqa: BLE001 - a dead watcher is logged, the agent keeps running
             if not self._stop.is_set():
                 log.exception("link watcher stopped")
         finally:
             self.ready.set()
-            if self._sock:
-                self._sock.close()
-                self._sock = None
+
+    def _handle_gone(self, index: int) -> None:
+        if self.known.pop(index, None) is not None:
+            try:
+                self.on_gone(index)
+            except Exception:  # noqa: BLE001
+                self.callback_errors += 1
+                log.exception("link %s: on_gone failed", index)
 
     def _handle(self, msg, event: Optional[str]) -> None:
         self.messages += 1
         index = msg.get("index")
         try:
             if event == "RTM_DELLINK":
-                if msg.get("family", 0) == 0 and self.known.pop(index, None) is not None:
-                    self.on_gone(index)
+                if msg.get("family", 0) == 0:
+                    self._handle_gone(index)
                 return
             if event != "RTM_NEWLINK" or index in self.known:
                 return
@@ -202,3 +228,6 @@ class LinkWatcher:
         if self._thread:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._sock:
+            self._sock.close()
+            self._sock = None
