@@ -130,13 +130,16 @@ struct conn {
 	__u8 head;
 	__u8 tail;
 	__u8 _pad[5];
-	char path[ML_PATH_MAX];  /* path of the request being parsed */
 };
 
 enum stop_reason { STOP_NONE = 0, STOP_QUIET = 1, STOP_GIVEUP = 2 };
 
 struct scratch {
 	__u8 buf[WIN];
+	/* Path of the request being parsed. Per CPU, not per connection (the connection state
+	 * is copied in and out on every syscall: smaller is cheaper), so it is only trusted for
+	 * a request line that started in the current syscall. */
+	char path[ML_PATH_MAX];
 	struct conn c;
 	struct ml_http_val zero;
 	__u64 sk;
@@ -484,7 +487,7 @@ static __always_inline void send_path(struct scratch *sc, __u32 path_id, __u32 l
 	e->path_id = path_id;
 	e->len = len > ML_PATH_MAX ? ML_PATH_MAX : len;
 	e->_pad0 = 0;
-	__builtin_memcpy(e->path, sc->c.path, ML_PATH_MAX);
+	__builtin_memcpy(e->path, sc->path, ML_PATH_MAX);
 	bpf_ringbuf_submit(e, 0);
 	bpf_map_update_elem(&paths_sent, &path_id, &one, BPF_ANY);
 	count(ML_L7_PATHS_SENT);
@@ -604,7 +607,8 @@ __noinline int ml_request_started(void)
 	p->method = s->method;
 	p->flags = 0;
 	c->tail++;
-	send_path(sc, s->path_hash, s->path_len);
+	if (s->msg_start_ns == sc->now)  /* the whole path is in this syscall's scratch */
+		send_path(sc, s->path_hash, s->path_len);
 	return 0;
 }
 
@@ -861,6 +865,28 @@ static __always_inline int is_digit(__u8 c)
 	return c >= '0' && c <= '9';
 }
 
+/* Eight path bytes with no terminator among them (global: verified once, whatever the
+ * caller's state). */
+__noinline int ml_path_word(__u64 w)
+{
+	struct scratch *sc = get_scratch();
+	struct stream *s;
+	__u32 i, off;
+
+	if (!sc)
+		return 0;
+	s = cur_stream(sc);
+	off = s->path_len;
+	if (off > ML_PATH_MAX - 8)
+		return 0;
+	*(__u64 *)(sc->path + off) = w;
+	for (i = 0; i < 8; i++)
+		path_byte(s, (w >> (8 * i)) & 0xff);
+	s->path_len += 8;
+	s->hdr_bytes += 8;
+	return 0;
+}
+
 /* Word-at-a-time shortcuts for the common shapes (status line, request method, header names
  * we care about, bytes we skip to the end of a line). Returns bytes consumed, 0 to let the
  * byte parser take the next byte. Only used when the whole word is inside the window, and
@@ -955,6 +981,12 @@ static __always_inline __u32 fast_path(struct scratch *sc, struct stream *s)
 		if (has_byte(w, '\n') || has_byte(w, ' '))
 			return 0;
 		break;
+	case S_PATH:
+		if (s->path_len > ML_PATH_MAX - 8 || has_byte(w, ' ') || has_byte(w, '?') || has_byte(w, '#') ||
+		    has_byte(w, '\r') || has_byte(w, '\n'))
+			return 0;
+		ml_path_word(w);
+		return 8;
 	default:
 		return 0;
 	}
@@ -1056,7 +1088,7 @@ static long step(__u32 index, void *ctx)
 			return 0;
 		}
 		if (s->path_len < ML_PATH_MAX) {
-			sc->c.path[s->path_len & (ML_PATH_MAX - 1)] = c;
+			sc->path[s->path_len & (ML_PATH_MAX - 1)] = c;
 			s->path_len++;
 			path_byte(s, c);
 		}
