@@ -131,6 +131,7 @@ def test_requests_match_nginx_access_log(l7, env) -> None:
     settle(l7, 0.1)
     before_srv = counts_by_request(series_for(l7, web, "server", 80))
     before_cli = counts_by_request(series_for(l7, client, "client", 80))
+    srv_before_buckets = duration_buckets(series_for(l7, web, "server", 80), lambda k: True)
     n_log = len(nginx.access_log_entries())
 
     assert run_py(client, CLIENT, web.ipv4, "80").strip() == "done"
@@ -146,6 +147,12 @@ def test_requests_match_nginx_access_log(l7, env) -> None:
     # every histogram observation is one request
     for st in list(srv_series.values()) + list(cli_series.values()):
         assert st.duration.count == st.count == sum(st.duration.counts)
+    # server latency agrees with nginx's $request_time within one bucket, request by request
+    # once both are sorted (fast ones, /delay, bodies trickled in over 100 ms)
+    ours = expand([a - b for a, b in zip(duration_buckets(srv_series, lambda k: True), srv_before_buckets)])
+    theirs = request_time_buckets(entries)
+    assert len(ours) == len(theirs) == EXPECTED_REQUESTS
+    assert all(abs(a - b) <= 1 for a, b in zip(ours, theirs)), (ours, theirs)
     # HEAD and 204: no response body; /bytes/100003: exactly that many bytes
     for k, st in srv_series.items():
         if k.method == "HEAD" or k.status == 204:
