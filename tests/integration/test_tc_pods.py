@@ -263,7 +263,9 @@ def test_foreign_filters_and_qdisc_survive_our_detach(node: Node) -> None:
     added after the agent on the clsact the agent created: both survive SIGTERM, and so do
     both qdiscs (the first is not ours; the second still carries a foreign filter)."""
     shared, ours_first = node.add_pod("tcf-shared"), node.add_pod("tcf-ours")
-    subprocess.run(["tc", "qdisc", "add", "dev", shared.host_veth, "clsact"], check=True)
+    # (Another agent on this machine may have added the clsact already: then it is theirs.)
+    subprocess.run(["tc", "qdisc", "add", "dev", shared.host_veth, "clsact"], capture_output=True)
+    assert "clsact" in subprocess.run(["tc", "qdisc", "show", "dev", shared.host_veth], capture_output=True, text=True).stdout
     subprocess.run(["tc", "filter", "add", "dev", shared.host_veth, "ingress", "protocol", "all", "prio", "10",
                     "u32", "match", "u32", "0", "0", "flowid", "1:1"], check=True)
     foreign = bpf.BpfObject(bpf.object_path("tc"))
