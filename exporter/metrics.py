@@ -22,7 +22,7 @@ EDGE_LABELS: Tuple[str, ...] = (
     "k8s_namespace_name", "k8s_owner_kind", "k8s_owner_name",
     "peer_k8s_namespace_name", "peer_k8s_owner_kind", "peer_k8s_owner_name",
 )
-POD_IF_LABELS: Tuple[str, ...] = ("interface", "netns")
+POD_IF_LABELS: Tuple[str, ...] = ("interface", "netns") + LOCAL_LABELS
 TCP_LABELS: Tuple[str, ...] = (
     ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port") + LOCAL_LABELS + PEER_LABELS
 )
@@ -78,7 +78,7 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_pod_interface_tcp_flags", "counter", "TCP segments by flag (syn: SYN without ACK, synack, fin, rst).", POD_IF_LABELS + ("direction", "flag")),
         _d("meshlens_pod_interface_parse_failures", "counter", "Frames whose headers tc could not parse (reasons in meshlens_tc_parse_failures_total).", POD_IF_LABELS + ("direction",)),
         _d("meshlens_pod_interface_drops", "counter", "Packets dropped by the kernel on a watched device (skb:kfree_skb), by side (host veth or pod eth0) and kernel drop reason.", POD_IF_LABELS + ("side", "reason")),
-        _d("meshlens_pod_interface_handshake_rtt_seconds", "histogram", "Time from a SYN to its SYN-ACK passing the pod's veth, per peer; role client: the pod sent the SYN.", POD_IF_LABELS + ("role", "network_peer_address")),
+        _d("meshlens_pod_interface_handshake_rtt_seconds", "histogram", "Time from a SYN to its SYN-ACK passing the pod's veth, per peer; role client: the pod sent the SYN.", POD_IF_LABELS + ("role", "network_peer_address") + PEER_LABELS),
         _d("meshlens_tc_parse_failures", "counter", "Frames tc could not parse, by reason (short_*: cut off; bad_*: invalid header; *_too_deep: over the walk limit).", ("reason",)),
         # ---- the agent itself ----
         _d("meshlens_agent_events_read", "counter", "Ring-buffer records read by the agent.", ("source", "type")),

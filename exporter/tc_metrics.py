@@ -1,29 +1,34 @@
 """Builds the meshlens_pod_interface_* and meshlens_tc_* families from the tc area of an
 AgentSnapshot (agent/tc_source.TcSnapshot).
 
-Labels: `interface` (host-side veth name) and `netns` (inode of the pod's network namespace,
-which the identity layer maps to a pod); both bounded by the pods on the node. The handshake
-RTT histogram adds `network_peer_address`, bounded by the kernel `rtt` map (4096 entries by
-default; beyond that samples are counted in meshlens_agent_events_lost{reason="rtt_full"}).
-Series of a removed interface stop with the sweep after it disappears.
+Labels: `interface` (host-side veth name), `netns` (inode of the pod's network namespace) and
+the k8s_* labels of the pod behind it (the snapshot's identity view maps the netns to a pod);
+all bounded by the pods on the node. The handshake RTT histogram adds `network_peer_address`
+and the peer_k8s_* labels, bounded by the kernel `rtt` map (4096 entries by default; beyond
+that samples are counted in meshlens_agent_events_lost{reason="rtt_full"}). Series of a
+removed interface stop with the sweep after it disappears, and those of a pod deleted more
+than the identity TTL ago are not exported.
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 from meshlens.agent.snapshot import AgentSnapshot
 from meshlens.agent.tc_source import InterfaceInfo, TcSnapshot
 from meshlens.agent.tc_structs import rtt_bucket_bounds
 
+from .identity_labels import local_values, peer_values
 from .metrics import family
 
 _FLAGS = (("syn", "tcp_syn"), ("synack", "tcp_synack"), ("fin", "tcp_fin"), ("rst", "tcp_rst"))
 
 
-def _labels(info: InterfaceInfo | None, ifindex: int) -> List[str]:
-    if info is None:
-        return [f"ifindex{ifindex}", "0"]
-    return [info.name, str(info.peer_netns)]
+def _labels(info: InterfaceInfo | None, ifindex: int, snap: AgentSnapshot) -> Optional[List[str]]:
+    """interface, netns and the k8s_* labels of the pod behind the interface; None when that
+    pod was deleted more than the identity TTL ago."""
+    name, netns = (info.name, info.peer_netns) if info else (f"ifindex{ifindex}", 0)
+    local = local_values(snap, 0, netns, "")
+    return None if local is None else [name, str(netns)] + local
 
 
 def _cumulative(slots) -> List[tuple]:
@@ -40,14 +45,24 @@ def tc_families(snap: AgentSnapshot) -> Iterable[object]:
     tc = snap.areas.get("tc")
     if not isinstance(tc, TcSnapshot):
         return []
+    labels: Dict[int, Optional[List[str]]] = {}
+
+    def of(ifindex: int) -> Optional[List[str]]:
+        if ifindex not in labels:
+            labels[ifindex] = _labels(tc.interfaces.get(ifindex), ifindex, snap)
+        return labels[ifindex]
+
     info = family("meshlens_pod_interface_info")
     for i in sorted(tc.interfaces.values(), key=lambda x: x.ifindex):
-        info.add_metric(_labels(i, i.ifindex) + [str(i.ifindex), i.kind, str(i.attached).lower()], 1)
+        if of(i.ifindex) is not None:
+            info.add_metric(of(i.ifindex) + [str(i.ifindex), i.kind, str(i.attached).lower()], 1)
     packets, nbytes = family("meshlens_pod_interface_packets"), family("meshlens_pod_interface_bytes")
     segs, flags = family("meshlens_pod_interface_segments"), family("meshlens_pod_interface_tcp_flags")
     failures = family("meshlens_pod_interface_parse_failures")
     for (ifindex, direction), c in sorted(tc.counters.items()):
-        base = _labels(tc.interfaces.get(ifindex), ifindex) + [direction]
+        if of(ifindex) is None:
+            continue
+        base = of(ifindex) + [direction]
         packets.add_metric(base, c.packets)
         nbytes.add_metric(base, c.bytes)
         segs.add_metric(base, c.segs)
@@ -56,11 +71,13 @@ def tc_families(snap: AgentSnapshot) -> Iterable[object]:
             flags.add_metric(base + [flag], getattr(c, attr))
     drops = family("meshlens_pod_interface_drops")
     for (ifindex, side, reason), n in sorted(tc.drops.items()):
-        drops.add_metric(_labels(tc.interfaces.get(ifindex), ifindex) + [side, reason], n)
+        if of(ifindex) is not None:
+            drops.add_metric(of(ifindex) + [side, reason], n)
     rtt = family("meshlens_pod_interface_handshake_rtt_seconds")
     for (ifindex, role, peer), h in sorted(tc.rtt.items()):
-        if h.count:
-            rtt.add_metric(_labels(tc.interfaces.get(ifindex), ifindex) + [role, peer], _cumulative(h.slots), h.sum_s)
+        peer_labels = peer_values(snap, peer)
+        if h.count and of(ifindex) is not None and peer_labels is not None:
+            rtt.add_metric(of(ifindex) + [role, peer] + peer_labels, _cumulative(h.slots), h.sum_s)
     reasons = family("meshlens_tc_parse_failures")
     for reason, n in sorted(tc.parse_failures.items()):
         reasons.add_metric([reason], n)

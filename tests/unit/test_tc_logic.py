@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from meshlens.agent.drop_reasons import reason_name, short_name
+from meshlens.agent.identity_model import Workload, external
 from meshlens.agent.link_watch import KIND_MAIN, KIND_POD_VETH, classify
 from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.tc_source import IfCounters, InterfaceInfo, RttSeries, TcSnapshot
@@ -53,19 +54,40 @@ def test_main_interface_by_name() -> None:
     assert classify(FakeMsg(2, "eth1", None), main_interface="eth0") is None
 
 
+WEB = Workload("shop", "web-1", "Deployment", "web")
+DB = Workload("shop", "db-0", "StatefulSet", "db")
+GONE = Workload("shop", "old-1", "Deployment", "old")
+
+
+class FakeIdentity:
+    """netns 4026530001 is web-1's, 4026530002 belongs to a pod deleted past the TTL."""
+
+    def local(self, cgroup_id: int, netns: int, process: str) -> Workload:
+        return {4026530001: WEB, 4026530002: GONE}.get(netns, Workload("", "", "process", process))
+
+    def peer(self, address: str) -> Workload:
+        return DB if address == "10.0.0.9" else external(address)
+
+    def expired(self, workload: Workload) -> bool:
+        return workload is GONE
+
+
 def _snapshot() -> AgentSnapshot:
     slots = [0] * RTT_SLOTS
     slots[rtt_slot(150)] = 2  # two handshakes of ~150 µs
     slots[rtt_slot(3000)] = 1
     tc = TcSnapshot(
-        interfaces={5: InterfaceInfo(5, "mlvabc", "pod_veth", 2, 4026530001, True)},
+        interfaces={5: InterfaceInfo(5, "mlvabc", "pod_veth", 2, 4026530001, True),
+                    6: InterfaceInfo(6, "mlvold", "pod_veth", 2, 4026530002, True)},
         counters={(5, "ingress"): IfCounters(packets=10, bytes=1500, segs=12, tcp_syn=1, tcp_fin=1),
-                  (5, "egress"): IfCounters(packets=8, bytes=900, segs=8, tcp_synack=1, tcp_rst=2)},
+                  (5, "egress"): IfCounters(packets=8, bytes=900, segs=8, tcp_synack=1, tcp_rst=2),
+                  (6, "egress"): IfCounters(packets=1, bytes=60, segs=1)},
         rtt={(5, "client", "10.0.0.9"): RttSeries(tuple(slots), 3, 0.0033)},
         drops={(5, "pod", "netfilter_drop"): 4},
         parse_failures={"short_tcp": 2, "bad_ipv4": 0},
     )
-    return AgentSnapshot(areas={"tc": tc}, health={}, attach={}, process=ProcessStats(0, 0, 0))
+    return AgentSnapshot(areas={"tc": tc}, health={}, attach={}, process=ProcessStats(0, 0, 0),
+                         identity=FakeIdentity())
 
 
 def _value(reg, name, **labels):
@@ -74,7 +96,7 @@ def _value(reg, name, **labels):
 
 def test_families_names_labels_values() -> None:
     reg = make_registry(_snapshot, [tc_families])
-    base = {"interface": "mlvabc", "netns": "4026530001"}
+    base = {"interface": "mlvabc", "netns": "4026530001", **WEB.local_labels()}
     assert _value(reg, "meshlens_pod_interface_packets_total", **base, direction="ingress") == 10
     assert _value(reg, "meshlens_pod_interface_bytes_total", **base, direction="egress") == 900
     assert _value(reg, "meshlens_pod_interface_segments_total", **base, direction="ingress") == 12
@@ -87,7 +109,8 @@ def test_families_names_labels_values() -> None:
 
 def test_rtt_histogram_is_cumulative_over_log2_bounds() -> None:
     reg = make_registry(_snapshot, [tc_families])
-    lab = {"interface": "mlvabc", "netns": "4026530001", "role": "client", "network_peer_address": "10.0.0.9"}
+    lab = {"interface": "mlvabc", "netns": "4026530001", "role": "client", "network_peer_address": "10.0.0.9",
+           **WEB.local_labels(), **DB.peer_labels()}
     name = "meshlens_pod_interface_handshake_rtt_seconds"
     bounds = rtt_bucket_bounds()
     assert _value(reg, f"{name}_count", **lab) == 3
@@ -96,6 +119,11 @@ def test_rtt_histogram_is_cumulative_over_log2_bounds() -> None:
     assert _value(reg, f"{name}_bucket", **lab, le=repr(bounds[rtt_slot(150)])) == 2
     assert _value(reg, f"{name}_bucket", **lab, le=repr(bounds[rtt_slot(3000)])) == 3
     assert _value(reg, f"{name}_bucket", **lab, le="+Inf") == 3
+
+
+def test_series_of_a_pod_deleted_past_the_ttl_are_not_exported() -> None:
+    text = generate_latest(make_registry(_snapshot, [tc_families])).decode()
+    assert "mlvabc" in text and "mlvold" not in text
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
