@@ -99,6 +99,15 @@ class Program:
             raise BpfError(f"attach {self.name} ({self.section})", libbpf.get_errno(), lines)
         return Link(ptr, self.name)
 
+    def attach_tracepoint(self, category: str, name: str) -> Link:
+        """Attach to a named tracepoint, whatever the section says: one program can serve
+        many tracepoints (libbpf's section-based attach covers only one)."""
+        with libbpf.capture_log() as lines:
+            ptr = lib.bpf_program__attach_tracepoint(self._ptr, category.encode(), name.encode())
+        if not ptr:
+            raise BpfError(f"attach {self.name} to {category}/{name}", libbpf.get_errno(), lines)
+        return Link(ptr, self.name)
+
     def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> Tuple[int, bytes, int]:
         """BPF_PROG_TEST_RUN: (return value, output packet, duration ns)."""
         buf_in = ctypes.create_string_buffer(data, len(data))
@@ -376,6 +385,15 @@ class BpfObject:
         link = self.program(name).attach()
         self.links.append(link)
         return link
+
+    def attach_tracepoint(self, program: str, category: str, name: str) -> Link:
+        link = self.program(program).attach_tracepoint(category, name)
+        self.links.append(link)
+        return link
+
+    def btf_ptr(self) -> int:
+        """libbpf's struct btf * of the opened object (after libbpf's fix-ups), or 0."""
+        return lib.bpf_object__btf(self._ptr) or 0
 
     def detach_all(self) -> None:
         while self.links:

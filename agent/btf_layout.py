@@ -56,15 +56,23 @@ class Layout:
 
 
 class ObjectBtf:
+    """BTF of a compiled object as libbpf sees it after opening (not loading) it: clang
+    leaves data-section sizes and variable offsets at 0 and libbpf fills them in at open, so
+    the raw ELF BTF would place every knob at offset 0."""
+
     def __init__(self, path: Path) -> None:
-        self._btf = lib.btf__parse_elf(str(path).encode(), None)
+        from .bpf import BpfObject  # local: bpf imports nothing from here
+
+        self._obj = BpfObject(path)
+        self._btf = self._obj.btf_ptr()
         if not self._btf:
+            self._obj.close()
             raise OSError(get_errno(), f"no BTF in {path}")
 
     def close(self) -> None:
         if self._btf:
-            lib.btf__free(self._btf)
             self._btf = None
+            self._obj.close()
 
     def __enter__(self) -> "ObjectBtf":
         return self
@@ -99,8 +107,7 @@ class ObjectBtf:
         infos = (_BtfVarSecinfo * (t.info & 0xFFFF)).from_address(addr + ctypes.sizeof(_BtfType))
         fields = [Field(self._name(_BtfType.from_address(lib.btf__type_by_id(self._btf, i.type)).name_off), i.offset, i.size)
                   for i in infos]
-        # In the ELF a DATASEC's size is 0 until libbpf fixes it at open: use its extent.
-        return Layout(name, max((f.offset + f.size for f in fields), default=0), fields)
+        return Layout(name, t.size_or_type, fields)
 
 
 def ctypes_layout(struct: Type[ctypes.Structure]) -> Layout:

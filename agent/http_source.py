@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
 
-from . import bpf, libbpf
-from .libbpf import lib as _lib
+from . import bpf
 from .attach import Signal, Variant, load_with_fallback
 from .histogram import Histogram
 from .kernel_features import KernelFeatures
@@ -34,8 +33,6 @@ from .l7_structs import (
     F_RESP_SIZE,
     F_SAMPLE,
     METHOD_NAMES,
-    ML_DUR_BUCKETS,
-    ML_SIZE_BUCKETS,
     PARSE_ERRORS,
     ROLE_NAMES,
     SIZE_BOUNDS_BYTES,
@@ -71,21 +68,6 @@ SIGNALS = (
     # glibc sends a lookup's A and AAAA queries with one sendmmsg
     Signal("dns_sendmmsg", (_syscall_variant(("sendmmsg",), False),), required=False),
 )
-
-_lib.bpf_program__attach_tracepoint.restype = ctypes.c_void_p
-_lib.bpf_program__attach_tracepoint.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-
-
-def _attach_tracepoint(obj: bpf.BpfObject, program: str, category: str, name: str) -> None:
-    """Attach an already attached program to one more tracepoint (libbpf attaches by section
-    only once). The link joins the object's links, so close() detaches it."""
-    prog = obj.program(program)
-    with libbpf.capture_log() as lines:
-        ptr = _lib.bpf_program__attach_tracepoint(prog._ptr, category.encode(), name.encode())
-    if not ptr:
-        raise bpf.BpfError(f"attach {program} to {category}/{name}", libbpf.get_errno(), lines)
-    obj.links.append(bpf.Link(ptr, program))
-
 
 @dataclass(frozen=True)
 class HttpConfig:
@@ -199,7 +181,7 @@ class HttpSource(Source):
             chosen = {c.signal for c in self._choices if c.chosen}
             exits = [n for n in _SYSCALLS if n != "read"] + (["sendmmsg"] if "dns_sendmmsg" in chosen else [])
             for n in exits:
-                _attach_tracepoint(self.obj, EXIT_PROGRAM, "syscalls", f"sys_exit_{n}")
+                self.obj.attach_tracepoint(EXIT_PROGRAM, "syscalls", f"sys_exit_{n}")
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
         except Exception:
             self.stop()

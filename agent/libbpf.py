@@ -98,6 +98,8 @@ _SIGNATURES = {
     "bpf_program__autoload": (c_bool, [c_void_p]),
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_program__attach": (c_void_p, [c_void_p]),
+    "bpf_program__attach_tracepoint": (c_void_p, [c_void_p, c_char_p, c_char_p]),
+    "bpf_object__btf": (c_void_p, [c_void_p]),
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_link__fd": (c_int, [c_void_p]),
     "bpf_map__name": (c_char_p, [c_void_p]),

@@ -3,15 +3,18 @@
 response code and (capped per workload) question name."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from meshlens.agent.dns_source import DnsSeriesKey, DnsSnapshot
 from meshlens.agent.snapshot import AgentSnapshot
 
+from meshlens.agent.identity_model import LOCAL_LABELS, PEER_LABELS
+
+from .identity_labels import local_values, peer_values
 from .metrics import METRICS, MetricDef, family
 
 DNS_LABELS: Tuple[str, ...] = ("dns_question_type", "dns_response_code", "dns_question_name", "server_address",
-                               "server_port", "process", "cgroup", "netns")
+                               "server_port", "process", "cgroup", "netns") + LOCAL_LABELS + PEER_LABELS
 
 DNS_METRICS: Dict[str, MetricDef] = {
     d.name: d
@@ -28,9 +31,15 @@ DNS_METRICS: Dict[str, MetricDef] = {
 METRICS.update(DNS_METRICS)
 
 
-def dns_labels(k: DnsSeriesKey, snap: AgentSnapshot) -> List[str]:
+def dns_labels(k: DnsSeriesKey, snap: AgentSnapshot) -> Optional[List[str]]:
+    """Label values in DNS_LABELS order (the peer is the DNS server, often a Service); None
+    for expired pods."""
+    local = local_values(snap, k.cgroup_id, k.netns, k.process)
+    peer = peer_values(snap, k.server_address)
+    if local is None or peer is None:
+        return None
     return [k.question_type, k.response_code, k.question_name, k.server_address, str(k.server_port),
-            k.process, snap.cgroup_path(k.cgroup_id), str(k.netns)]
+            k.process, snap.cgroup_path(k.cgroup_id), str(k.netns)] + local + peer
 
 
 def dns_families(snap: AgentSnapshot) -> Iterable[object]:
@@ -40,6 +49,8 @@ def dns_families(snap: AgentSnapshot) -> Iterable[object]:
     fams = {name: family(name) for name in DNS_METRICS}
     for k, st in area.series.items():
         labels = dns_labels(k, snap)
+        if labels is None:
+            continue
         fams["meshlens_dns_requests"].add_metric(labels, st.count)
         fams["meshlens_dns_answers"].add_metric(labels, st.answers)
         fams["meshlens_dns_request_duration_seconds"].add_metric(labels, st.duration.cumulative(), st.duration.total)

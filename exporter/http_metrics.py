@@ -8,17 +8,20 @@ http_stats map size (overflow records are re-aggregated here, never dropped sile
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from meshlens.agent.http_source import HttpSeriesKey, HttpSnapshot
 from meshlens.agent.snapshot import AgentSnapshot
 
+from meshlens.agent.identity_model import LOCAL_LABELS, PEER_LABELS
+
+from .identity_labels import local_values, peer_values
 from .metrics import METRICS, MetricDef, family
 
-LOCAL = ("process", "cgroup", "netns")
+LOCAL = ("process", "cgroup", "netns") + LOCAL_LABELS
 SERVER_LABELS: Tuple[str, ...] = ("http_request_method", "http_response_status_code", "http_route", "server_port") + LOCAL
 CLIENT_LABELS: Tuple[str, ...] = ("http_request_method", "http_response_status_code", "http_route",
-                                  "server_address", "server_port") + LOCAL
+                                  "server_address", "server_port") + LOCAL + PEER_LABELS
 
 HTTP_METRICS: Dict[str, MetricDef] = {
     d.name: d
@@ -49,11 +52,18 @@ HTTP_METRICS: Dict[str, MetricDef] = {
 METRICS.update(HTTP_METRICS)
 
 
-def http_labels(k: HttpSeriesKey, snap: AgentSnapshot) -> List[str]:
+def http_labels(k: HttpSeriesKey, snap: AgentSnapshot) -> Optional[List[str]]:
+    """Label values in SERVER_LABELS / CLIENT_LABELS order; None for expired pods."""
     common = [k.method, str(k.status), k.route]
-    local = [k.process, snap.cgroup_path(k.cgroup_id), str(k.netns)]
+    ident = local_values(snap, k.cgroup_id, k.netns, k.process)
+    if ident is None:
+        return None
+    local = [k.process, snap.cgroup_path(k.cgroup_id), str(k.netns)] + ident
     if k.role == "client":
-        return common + [k.server_address, str(k.server_port)] + local
+        peer = peer_values(snap, k.server_address)
+        if peer is None:
+            return None
+        return common + [k.server_address, str(k.server_port)] + local + peer
     return common + [str(k.server_port)] + local
 
 
@@ -66,6 +76,8 @@ def http_families(snap: AgentSnapshot) -> Iterable[object]:
         if k.role not in ("server", "client"):
             continue
         labels = http_labels(k, snap)
+        if labels is None:
+            continue
         for what, h in (("request_duration_seconds", st.duration), ("request_body_size_bytes", st.request_body),
                         ("response_body_size_bytes", st.response_body)):
             if h.count:

@@ -6,6 +6,7 @@ from typing import Iterable, List, Optional
 from meshlens.agent.flows import OVERFLOW, FlowSnapshot, RollupKey
 from meshlens.agent.snapshot import AgentSnapshot
 
+from .identity_labels import local_values, peer_values
 from .metrics import TCP_LABELS, family
 
 _COUNTERS = (
@@ -29,13 +30,13 @@ def tcp_labels(key: RollupKey, snap: AgentSnapshot) -> Optional[List[str]]:
     more than the identity TTL ago (it stops being exported)."""
     if key.direction == OVERFLOW:
         return [OVERFLOW] * len(TCP_LABELS)
-    local = snap.identity.local(key.cgroup_id, key.netns, key.process)
-    peer = snap.identity.peer(key.peer_address)
-    if snap.identity.expired(local) or snap.identity.expired(peer):
+    local = local_values(snap, key.cgroup_id, key.netns, key.process)
+    peer = peer_values(snap, key.peer_address)
+    if local is None or peer is None:
         return None
     base = [key.direction, key.process, snap.cgroup_path(key.cgroup_id), str(key.netns), key.peer_address,
             str(key.server_port)]
-    return base + list(local.local_labels().values()) + list(peer.peer_labels().values())
+    return base + local + peer
 
 
 def tcp_families(snap: AgentSnapshot) -> Iterable[object]:

@@ -2,6 +2,8 @@
 HTTP source's handling of ring-buffer records, and the metric families on a fake snapshot."""
 from __future__ import annotations
 
+from meshlens.agent.identity_model import Workload, external
+
 import ctypes
 import struct
 
@@ -103,6 +105,15 @@ class _Fixed(Collector):
         return self.fams
 
 
+def standalone_local(process: str) -> dict:
+    """Identity labels of the local side without Kubernetes: the process names it."""
+    return Workload("", "", "process", process).local_labels()
+
+
+def standalone_peer(address: str) -> dict:
+    return external(address).peer_labels()
+
+
 def test_metric_families() -> None:
     st = HttpStats()
     st.count = 2
@@ -117,14 +128,16 @@ def test_metric_families() -> None:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Fixed(list(http_families(snap)) + list(dns_families(snap))))
     srv = {"http_request_method": "GET", "http_response_status_code": "200", "http_route": "/delay",
-           "server_port": "80", "process": "nginx", "cgroup": "/pod5", "netns": "7"}
+           "server_port": "80", "process": "nginx", "cgroup": "/pod5", "netns": "7", **standalone_local("nginx")}
     assert reg.get_sample_value("http_server_request_duration_seconds_count", srv) == 2
     assert reg.get_sample_value("http_server_request_duration_seconds_bucket", {**srv, "le": "0.05"}) == 0
     assert reg.get_sample_value("http_server_request_duration_seconds_bucket", {**srv, "le": "0.075"}) == 2
-    cli = {**srv, "process": "curl", "cgroup": "/pod6", "netns": "8", "server_address": "10.0.0.2"}
+    cli = {**srv, "process": "curl", "cgroup": "/pod6", "netns": "8", "server_address": "10.0.0.2",
+           **standalone_local("curl"), **standalone_peer("10.0.0.2")}
     assert reg.get_sample_value("http_client_request_duration_seconds_count", cli) == 2
     assert reg.get_sample_value("meshlens_http_parse_errors_total", {"reason": "not_http"}) == 3
     dns = {"dns_question_type": "A", "dns_response_code": "NXDomain", "dns_question_name": "a.test.",
-           "server_address": "10.0.0.53", "server_port": "53", "process": "getent", "cgroup": "/pod42", "netns": "7"}
+           "server_address": "10.0.0.53", "server_port": "53", "process": "getent", "cgroup": "/pod42", "netns": "7",
+           **standalone_local("getent"), **standalone_peer("10.0.0.53")}
     assert reg.get_sample_value("meshlens_dns_requests_total", dns) == 1
     assert reg.get_sample_value("meshlens_dns_request_duration_seconds_count", dns) == 1

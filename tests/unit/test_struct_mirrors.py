@@ -40,3 +40,12 @@ def test_counter_names_fit_the_kernel_array() -> None:
     # enum ml_counter ends with ML_CNT_MAX = 16: every named counter has a slot.
     assert len(COUNTER_NAMES) <= 16
     assert len(set(COUNTER_NAMES)) == len(COUNTER_NAMES)
+
+
+def test_knob_offsets_come_from_the_opened_object() -> None:
+    """l7.bpf.c has several knobs: each must sit at its own offset, as libbpf lays them out."""
+    with ObjectBtf(bpf.object_path("l7")) as btf:
+        layout = btf.datasec(".rodata")
+    offsets = [f.offset for f in layout.fields]
+    assert len(offsets) > 1 and len(set(offsets)) == len(offsets), layout
+    assert layout.size >= max(f.offset + f.size for f in layout.fields)
