@@ -436,3 +436,24 @@ def test_full_maps_are_counted_not_evicted() -> None:
         assert [k[1] for k in hh.rtt()] == ["10.2.0.3"]
     finally:
         obj.close()
+
+
+def test_unanswered_syns_are_expired_by_the_sweep(h: Harness) -> None:
+    """The `syns` map is a plain hash: SYNs that never get an answer are deleted (and
+    counted) by the agent's sweep after syn_timeout_s, not evicted by the kernel."""
+    from meshlens.agent.kernel_features import KernelFeatures
+    from meshlens.agent.tc_source import TcConfig, TcSource
+
+    h.clear_handshakes()
+    h.run(pk.tcp4("10.3.0.1", "10.3.0.2", 40100, 80, pk.SYN).data, INGRESS)
+    src = TcSource(TcConfig(syn_timeout_s=3600), KernelFeatures.probe(), watch=False)
+    src.obj = h.obj
+    try:
+        src.sweep(0)
+        assert h.syns() == 1 and src.syns_expired == 0
+        src.config = TcConfig(syn_timeout_s=0.0)
+        src.sweep(0)
+        assert h.syns() == 0 and src.syns_expired == 1
+        assert src.snapshot().syns_expired == 1
+    finally:
+        src.obj = None  # the module fixture owns the object
