@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, TextIO
 
 from . import bpf
 from .kernel_features import KernelFeatures
-from .source import AttachChoice, Source
+from .source import Source
 
 OK, FAIL, WARN = "√", "×", "‼"
 

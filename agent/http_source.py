@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 
 from . import bpf
 from .attach import Signal, Variant, load_with_fallback
@@ -46,6 +46,9 @@ from .l7_structs import (
 from .routes import RouteConfig, RouteTable
 from .source import AttachChoice, Source, SourceHealth
 from .tcpconn_structs import format_addr
+
+if TYPE_CHECKING:  # dns_source imports this module
+    from .dns_source import DnsTracker
 
 log = logging.getLogger("meshlens.http")
 

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
-import time
 from functools import lru_cache
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from .cgroups import CgroupResolver
 from .identity_model import UNKNOWN, Workload, external, service

@@ -32,8 +32,8 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config

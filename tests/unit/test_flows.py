@@ -3,7 +3,6 @@ sweep/close race, all with an injected clock and synthetic kernel facts."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List
 
 import pytest
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import List
 
 import pytest
 
@@ -16,7 +16,7 @@ from meshlens.agent.cgroups import CgroupResolver
 from meshlens.agent.identity import CidrNames, IdentityResolver, normalize_address, parse_cidr_names
 from meshlens.agent.identity_model import UNKNOWN, IdentityView, StandaloneIdentity, Workload, external, service
 from meshlens.agent.k8s_state import ClusterState
-from meshlens.agent.k8s_watch import ALL_RESOURCES, Backoff, KubeWatcher, WatchConfig, api_client
+from meshlens.agent.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
 from meshlens.agent.netns import NetnsLocator, parse_fib_trie_local, parse_if_inet6
 from tests.integration.pods import kubelet_cgroup_relpath
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, pod_object
