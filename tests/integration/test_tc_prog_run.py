@@ -25,7 +25,6 @@ from meshlens.agent.tc_structs import (
     PARSE_FAILURE_REASONS,
     ROLE_CLIENT,
     ROLE_SERVER,
-    TcFlowKey,
     TcIfStats,
     TcRttHist,
     TcRttKey,
