@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
+    run.add_argument("--features", default="l4,l7,tc",
+                     help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS from syscalls), "
+                          "tc (per-pod interface counters); default %(default)s")
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
@@ -49,6 +52,13 @@ def _positive(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def _features_error(value: str) -> Optional[str]:
+    from .runner import FEATURES
+
+    unknown = {f.strip() for f in value.split(",") if f.strip()} - set(FEATURES)
+    return f"--features: unknown {', '.join(sorted(unknown))} (choose from {', '.join(FEATURES)})" if unknown else None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from meshlens.exporter.collector import make_registry
     from meshlens.exporter.http_server import serve_metrics
@@ -56,6 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshlens.exporter.http_server import parse_addr
 
     err = _positive(args)
+    if err is None:
+        err = _features_error(args.features)
     if err is None:
         try:
             parse_addr(args.metrics_addr)  # refuse bad input before touching the kernel
@@ -79,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = AgentConfig(
         sweep_interval_s=args.sweep_interval,
         map_window_s=args.map_window,
+        features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
         map_interval_s=args.map_interval,
         tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
     )

@@ -11,7 +11,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import psutil
 
@@ -34,12 +34,23 @@ class AgentConfig:
     poll_timeout_ms: int = 100
     tcp: TcpConfig = TcpConfig()
     http: HttpConfig = HttpConfig()
+    features: Tuple[str, ...] = ("l4", "l7", "tc")  # which capture layers run (l4 always)
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
 
 
+FEATURES = ("l4", "l7", "tc")
+
+
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
-    return [TcpSource(config.tcp, features), *l7_sources(config.http, features), TcSource(TcConfig(), features)]
+    """The sources for the configured features, in start order. L4 always runs: the flow
+    table, the service map and the agent's health build on it."""
+    sources: List[Source] = [TcpSource(config.tcp, features)]
+    if "l7" in config.features:
+        sources += l7_sources(config.http, features)
+    if "tc" in config.features:
+        sources.append(TcSource(TcConfig(), features))
+    return sources
 
 
 class Agent:

@@ -93,3 +93,13 @@ def test_check_reports_each_requirement_and_attach_point() -> None:
     assert "√ kernel BTF available" in res.stdout
     assert "√ tcp/tcp_state: tracepoint [handle_set_state]" in res.stdout
     assert "Status check results are √" in res.stdout
+
+
+def test_features_choose_the_capture_layers() -> None:
+    """--features l4 attaches only the TCP programs; an unknown feature is refused up front."""
+    with AgentProcess("--features", "l4") as agent:
+        names = set(held(agent).values())
+        assert TCP_PROGRAMS <= names
+        assert not any(n.startswith(("enter_", "exit_", "meshlens_tc")) for n in names), names
+    res = subprocess.run([MESHLENS, "run", "--features", "l4,quic"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "unknown quic" in res.stderr
