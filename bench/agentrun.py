@@ -5,6 +5,9 @@ Modes: "l4" runs the real CLI restricted to the `tcp` source (bench/agent_launch
 "full" runs `meshlens run` exactly as shipped (whatever `default_sources()` returns).
 Kernel cost is read from /proc/<agent>/fdinfo of the agent's BPF program fds (prog_id,
 run_time_ns, run_cnt), so programs of other agents on the machine are never mixed in.
+Run-time stats are switched on with BPF_ENABLE_STATS (an fd) rather than the
+kernel.bpf_stats_enabled sysctl: other sessions on the same machine toggle the sysctl, and
+the fd keeps stats on regardless and leaves no global setting behind.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from typing import Dict, Iterator, List, Optional
 from tests.integration.agent_proc import AgentProcess
 
 LAUNCHER = str(Path(__file__).with_name("agent_launch.py"))
-STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
 def default_source_names() -> List[str]:
@@ -134,22 +136,32 @@ def program_objects() -> Dict[str, str]:
     return out
 
 
-def _read_sysctl() -> str:
-    with open(STATS_SYSCTL) as f:
-        return f.read().strip()
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 
-def _write_sysctl(value: str) -> None:
-    with open(STATS_SYSCTL, "w") as f:
-        f.write(value)
+def _enable_stats_fd() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): run-time stats stay on while the returned fd is
+    open, whatever anyone writes to kernel.bpf_stats_enabled meanwhile (the kernel counts
+    the fd and the sysctl separately), and they go off by themselves if this process dies."""
+    import ctypes
+    import platform
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint8 * 8)()  # union bpf_attr { struct { __u32 type; } enable_stats; }
+    fd = libc.syscall(NR_BPF[platform.machine()], BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    return int(fd)
 
 
 @contextlib.contextmanager
 def bpf_stats_enabled() -> Iterator[None]:
-    """kernel.bpf_stats_enabled=1 for the block; the previous value is restored after."""
-    previous: Optional[str] = _read_sysctl()
-    _write_sysctl("1")
+    """BPF run-time statistics on for the block (see _enable_stats_fd); nothing to restore."""
+    fd = _enable_stats_fd()
     try:
         yield
     finally:
-        _write_sysctl(previous or "0")
+        os.close(fd)

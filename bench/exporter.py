@@ -128,7 +128,10 @@ def run(ctx: Context) -> SectionResult:
              for n in ROLLUPS if not (ctx.quick and n > 1_000)]
     rows = []
     for label, n in plan:
-        reps = 1 if n >= 10_000 and ctx.quick else 3 if n >= 10_000 else 5 if ctx.quick else 9
+        if ctx.quick:
+            reps = 1 if n >= 10_000 else 3 if n >= 1_000 else 5
+        else:
+            reps = 2 if n >= 10_000 else 5 if n >= 1_000 else 9
         r = measure(n, reps)
         r["label"] = label
         rows.append(r)
