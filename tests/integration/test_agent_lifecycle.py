@@ -4,6 +4,7 @@ is refused, and the attach fallback really falls back when the kernel refuses a 
 from __future__ import annotations
 
 import signal
+import time
 import subprocess
 
 import pytest
@@ -35,16 +36,30 @@ def test_stop_signal_detaches_every_program(sig: int) -> None:
     assert still == set(), f"programs still loaded after {signal.Signals(sig).name}: {still}"
 
 
-def test_crash_leaves_nothing_and_restart_counts_once(node) -> None:
+TC_PROGRAMS = {"meshlens_tc_in", "meshlens_tc_eg"}
+
+
+def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:
+    """SIGKILL: programs attached through links (tracepoints) die with the process; tc
+    filters live in the interface's qdisc and outlive it, so the next start removes them
+    rather than stacking a second copy."""
+    srv, cli = node.add_pod("after"), node.add_pod("crash")  # veths for the tc programs
     crashed = AgentProcess().start()
+    deadline = time.monotonic() + 5
+    while not TC_PROGRAMS <= set(held(crashed).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     programs = held(crashed)
-    assert TCP_PROGRAMS <= set(programs.values())
+    assert TCP_PROGRAMS | TC_PROGRAMS <= set(programs.values())
     crashed.stop(signal.SIGKILL)
     assert crashed.exit_code == -signal.SIGKILL
-    assert set(programs) & set(loaded_programs()) == set()  # programs and links die with their owner
+    alive = {pid: name for pid, name in loaded_programs().items() if pid in programs}
+    assert not (set(alive.values()) - TC_PROGRAMS), f"link-attached programs outlived the process: {alive}"
 
-    srv, cli = node.add_pod("after"), node.add_pod("crash")
     with AgentProcess() as agent:
+        deadline = time.monotonic() + 5
+        while set(programs) & set(loaded_programs()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(programs) & set(loaded_programs()) == set(), "the restart left the crashed agent's tc filters"
         names = sorted(held(agent).values())
         assert sorted(set(names)) == names, f"a program is attached twice: {names}"
         server = start_listener(srv, "server", "--host", "0.0.0.0", "--port", "8082", "--count", "17",
