@@ -118,7 +118,7 @@ def run(ctx: Context) -> SectionResult:
         per_rate[_label(rate)] = entry
         t.add(_label(rate), fmt_summary(entry["achieved_rps"]), fmt_summary(cpu), fmt(entry["rss_mb"]),
               fmt_summary(entry["events_per_request"]), fmt_summary(entry["ns_per_request_raw"]),
-              fmt_summary(entry["ns_per_request_net"]), fmt_summary(share) + "%", fmt_summary(entry["ns_per_event"]),
+              fmt_summary(entry["ns_per_request_net"]), fmt_summary(entry["background_pct"]) + "%", fmt_summary(entry["ns_per_event"]),
               fmt_summary(entry["busy"]))
     res.tables.append(t)
     res.data["per_rate"] = per_rate
