@@ -203,6 +203,7 @@ def test_wrk_counts_match_nginx_and_wrk(l7, env) -> None:
     srv0 = counts_by_request(series_for(l7, web, "server", 80))
     cli0 = counts_by_request(series_for(l7, client, "client", 80))
     n_log = len(nginx.access_log_entries())
+    no_response0 = l7.health().kernel_counters["no_response"]
     res = run_wrk(client, nginx.url + "/status/200", connections=7, duration_s=2)
     assert res["requests"] > 1000
     settle(l7, 0.5)
@@ -210,8 +211,15 @@ def test_wrk_counts_match_nginx_and_wrk(l7, env) -> None:
     srv = diff_counts(counts_by_request(series_for(l7, web, "server", 80)), srv0)
     cli = diff_counts(counts_by_request(series_for(l7, client, "client", 80)), cli0)
     key = ("GET", 200, "/status/{id}")
-    # server side equals nginx's log exactly; wrk counts only responses it finished reading
-    assert srv == log_counts(entries) == {key: len(entries)}
+    assert set(srv) == set(log_counts(entries)) == {key}
+    # wrk stops by closing its 7 connections with requests in flight. nginx logs what it
+    # answered; wrk counts what it finished reading. A request whose connection the client
+    # reset before the server's response was seen is counted by the kernel as no_response,
+    # not as a request: at most one per connection, and never silently.
+    missed = len(entries) - srv[key]
+    assert res["requests"] <= srv[key] <= len(entries)
+    assert missed <= 7
+    assert l7.health().kernel_counters["no_response"] - no_response0 >= missed
     assert res["requests"] <= cli[key] <= len(entries)
     print(f"wrk: {res['requests']} requests ({res['rps']:.0f}/s); nginx log {len(entries)}; "
           f"agent server {srv[key]}, client {cli[key]}")
