@@ -97,7 +97,16 @@ class _Conn:
     credited: Dict[str, int] = field(default_factory=lambda: {c: 0 for c in _COUNTERS})
     key: Optional[RollupKey] = None       # None until the local process is known
     open_pending: bool = False            # an open to credit once the key is known
+    open_noted: bool = False              # the open was noted (pending or credited): once only
     connect_latency_s: Optional[float] = None
+
+    def note_open(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
+        """Count this connection's open once, as soon as it is known to have been
+        established while the agent watched (not for connections that predate it)."""
+        if not self.open_noted and f.established_ns and f.direction != "unknown":
+            self.open_noted = True
+            self.open_pending = True
+            self.connect_latency_s = connect_latency_s
 
 
 @dataclass(frozen=True)
@@ -200,20 +209,27 @@ class FlowTable:
                 c.credited[name] = now_v
 
     def opened(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
+        """An open event (sent only when the kernel could not track the connection, or
+        when open events are switched on)."""
         with self._lock:
             c = self._conn(f)
-            c.open_pending = True
-            c.connect_latency_s = connect_latency_s
+            c.note_open(f, connect_latency_s)
             self._credit(c, f)
 
-    def update(self, f: ConnFacts) -> None:
-        """A sweep saw this connection alive with these cumulative counters."""
+    def seen(self, f: ConnFacts, connect_latency_s: Optional[float] = None) -> None:
+        """A sweep saw this connection alive with these cumulative counters; the first
+        sight of an established connection counts its open."""
         with self._lock:
-            self._credit(self._conn(f), f)
+            c = self._conn(f)
+            c.note_open(f, connect_latency_s)
+            self._credit(c, f)
 
-    def closed(self, f: ConnFacts, duration_s: float) -> None:
+    def closed(self, f: ConnFacts, duration_s: float, connect_latency_s: Optional[float] = None) -> None:
+        """The close record: final counters. A connection opened and closed between two
+        sweeps is first seen here, and its open is counted here."""
         with self._lock:
             c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
+            c.note_open(f, connect_latency_s)
             self._merge_identity(c, f)
             if c.key is None:
                 c.key = self._admit(self._key_for(c.facts) or self._key_for_unowned(c.facts))

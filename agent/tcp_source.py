@@ -6,17 +6,18 @@ counters so nothing is lost silently.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
+import operator
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from . import bpf
 from .attach import Signal, Variant, load_with_fallback
 from .flows import ConnFacts, FlowSnapshot, FlowTable
 from .kernel_features import KernelFeatures
+from .record_decoder import RecordDecoder
 from .source import AttachChoice, Source, SourceHealth
 from .tcpconn_structs import (
     COUNTER_NAMES,
@@ -83,32 +84,43 @@ class TcpConfig:
     conns_max_entries: int = 65536
     ringbuf_bytes: int = 4 << 20
     emit_retransmit_events: bool = True
+    # Opens are learnt from sweeps and close records; an event per open only doubles the
+    # ring-buffer traffic of a connection storm. On for the live tap when it lands.
+    emit_open_events: bool = False
     max_rollups: int = 10_000
     rollup_ttl_s: float = 600.0
 
 
-def facts_from(sk: int, c: MlConn) -> ConnFacts:
-    fam = c.tuple.family
+EVENT = RecordDecoder(MlEvent)
+CONN = RecordDecoder(MlConn)
+_CONN_FIELDS = ("tuple.saddr", "tuple.daddr", "tuple.sport", "tuple.dport", "tuple.family", "start_ns",
+                "established_ns", "cgroup_id", "bytes_sent", "bytes_received", "segs_retrans", "rsts_sent",
+                "rsts_received", "srtt_us", "pid", "netns", "direction", "comm")
+_IN_EVENT = operator.itemgetter(*(EVENT.index["conn." + f] for f in _CONN_FIELDS))
+_IN_CONN = operator.itemgetter(*(CONN.index[f] for f in _CONN_FIELDS))
+_EV_SK, _EV_TS, _EV_TYPE, _EV_ERR, _EV_SEGS, _EV_RST, _EV_BS, _EV_BR = (
+    EVENT.index[n] for n in ("sk", "ts_ns", "type", "err", "segs", "rst_sent", "bytes_sent", "bytes_received"))
+
+
+def facts_from(sk: int, values: tuple, where: Callable[[tuple], tuple]) -> ConnFacts:
+    """ConnFacts from a decoded record (`where` picks the ml_conn fields out of it)."""
+    (saddr, daddr, sport, dport, fam, start, est, cg, bs, br, segs, rs, rr, srtt, pid, netns, direction,
+     comm) = where(values)
     return ConnFacts(
-        sk=sk,
-        start_ns=c.start_ns,
-        direction=DIRECTION_NAMES.get(c.direction, "unknown"),
-        process=c.comm.decode("utf-8", "replace"),
-        pid=c.pid,
-        cgroup_id=c.cgroup_id,
-        netns=c.netns,
-        local_address=format_addr(fam, c.tuple.saddr),
-        local_port=c.tuple.sport,
-        peer_address=format_addr(fam, c.tuple.daddr),
-        peer_port=c.tuple.dport,
-        bytes_sent=c.bytes_sent,
-        bytes_received=c.bytes_received,
-        segs_retrans=c.segs_retrans,
-        rsts_sent=c.rsts_sent,
-        rsts_received=c.rsts_received,
-        established_ns=c.established_ns,
-        srtt_us=c.srtt_us,
+        sk=sk, start_ns=start, direction=DIRECTION_NAMES.get(direction, "unknown"),
+        process=comm.split(b"\0", 1)[0].decode("utf-8", "replace"), pid=pid, cgroup_id=cg, netns=netns,
+        local_address=format_addr(fam, saddr), local_port=sport,
+        peer_address=format_addr(fam, daddr), peer_port=dport,
+        bytes_sent=bs, bytes_received=br, segs_retrans=segs, rsts_sent=rs, rsts_received=rr,
+        established_ns=est, srtt_us=srtt,
     )
+
+
+def _connect_latency(f: ConnFacts) -> Optional[float]:
+    """SYN sent -> established, for connections this node opened and saw open."""
+    if f.direction == "outbound" and f.established_ns and f.start_ns:
+        return (f.established_ns - f.start_ns) / 1e9
+    return None
 
 
 class TcpSource(Source):
@@ -132,7 +144,8 @@ class TcpSource(Source):
     def _configure(self, obj: bpf.BpfObject) -> None:
         obj.map("conns").max_entries = self.config.conns_max_entries
         obj.map("events").max_entries = self.config.ringbuf_bytes
-        obj.set_rodata({"emit_retransmit_events": int(self.config.emit_retransmit_events)}, TcpconnRodata)
+        obj.set_rodata({"emit_retransmit_events": int(self.config.emit_retransmit_events),
+                        "emit_open_events": int(self.config.emit_open_events)}, TcpconnRodata)
 
     def start(self) -> None:
         self.obj, self._choices = load_with_fallback(
@@ -158,46 +171,45 @@ class TcpSource(Source):
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, data: bytes) -> None:
-        if len(data) < ctypes.sizeof(MlEvent):
+        if len(data) < EVENT.size:
             self.decode_errors += 1
             return
-        ev = MlEvent.from_buffer_copy(data)
-        name = EVENT_NAMES.get(ev.type)
+        v = EVENT.unpack(data)
+        etype = v[_EV_TYPE]
+        name = EVENT_NAMES.get(etype)
         if name is None:
             self.decode_errors += 1
             return
         self.events_read[name] += 1
-        f = facts_from(ev.sk, ev.conn)
-        if ev.type == EV_OPEN:
-            lat = None
-            if f.direction == "outbound" and ev.conn.established_ns and ev.conn.start_ns:
-                lat = (ev.conn.established_ns - ev.conn.start_ns) / 1e9
-            self.flows.opened(f, lat)
-        elif ev.type == EV_CLOSE:
-            self.flows.closed(f, max(0, ev.ts_ns - ev.conn.start_ns) / 1e9)
-        elif ev.type == EV_CONNECT_FAIL:
-            self.flows.connect_failed(f, CONNECT_FAIL_REASONS.get(ev.err, "other"))
-        elif ev.type == EV_BYTES:
-            self.flows.add_unowned(f, bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received)
-        elif ev.type == EV_RESET:
-            self.flows.add_unowned(f, **({"rsts_sent": 1} if ev.rst_sent else {"rsts_received": 1}))
-        elif ev.type == EV_SYNACK_RETRANSMIT:
-            self.flows.add_unowned(f, segs_retrans=ev.segs)
-        elif ev.type == EV_RETRANSMIT:
-            pass  # counts come from total_retrans in the map; the event feeds the live tap later
+        if etype == EV_RETRANSMIT:
+            return  # counts come from total_retrans in the map; the event feeds the live tap later
+        f = facts_from(v[_EV_SK], v, _IN_EVENT)
+        if etype == EV_CLOSE:
+            self.flows.closed(f, max(0, v[_EV_TS] - f.start_ns) / 1e9, connect_latency_s=_connect_latency(f))
+        elif etype == EV_OPEN:
+            self.flows.opened(f, _connect_latency(f))
+        elif etype == EV_CONNECT_FAIL:
+            self.flows.connect_failed(f, CONNECT_FAIL_REASONS.get(v[_EV_ERR], "other"))
+        elif etype == EV_BYTES:
+            self.flows.add_unowned(f, bytes_sent=v[_EV_BS], bytes_received=v[_EV_BR])
+        elif etype == EV_RESET:
+            self.flows.add_unowned(f, **({"rsts_sent": 1} if v[_EV_RST] else {"rsts_received": 1}))
+        elif etype == EV_SYNACK_RETRANSMIT:
+            self.flows.add_unowned(f, segs_retrans=v[_EV_SEGS])
 
     # ---- sweeps --------------------------------------------------------------------------
     def sweep(self, now_ns: int) -> None:
         if not self.obj:
             return
         read_ns = time.monotonic_ns()
-        items = self.obj.map("conns").items(ctypes.c_uint64, MlConn)
+        items = self.obj.map("conns").items_raw()
         self._map_entries = len(items)
         alive = set()
-        for sk, c in items:
-            f = facts_from(sk, c)
-            alive.add((sk, c.start_ns))
-            self.flows.update(f)
+        for kraw, vraw in items:
+            sk = int.from_bytes(kraw, "little")
+            f = facts_from(sk, CONN.unpack(vraw), _IN_CONN)
+            alive.add((sk, f.start_ns))
+            self.flows.seen(f, _connect_latency(f))
         # Close events are submitted before the kernel deletes the entry: draining the ring
         # buffer now credits every connection missing from `items` before it is forgotten.
         if self._rb:

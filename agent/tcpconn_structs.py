@@ -6,8 +6,8 @@ Sits between the kernel's ring-buffer/map bytes and agent/tcp_source.py.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
-from typing import Dict
+import socket
+from typing import Dict, Tuple
 
 AF_INET = 2
 AF_INET6 = 10
@@ -93,18 +93,33 @@ class MlEvent(ctypes.Structure):
 class TcpconnRodata(ctypes.Structure):
     """The `const volatile` knobs of tcpconn.bpf.c, in .rodata order."""
 
-    _fields_ = [("emit_retransmit_events", ctypes.c_uint8)]
+    _fields_ = [("emit_retransmit_events", ctypes.c_uint8), ("emit_open_events", ctypes.c_uint8)]
 
 
 MIRRORS = {"ml_tuple": MlTuple, "ml_conn": MlConn, "ml_event": MlEvent}
 
 
-def format_addr(family: int, raw: "ctypes.Array[ctypes.c_uint8]") -> str:
-    """Address bytes (network order) as text; IPv4-mapped IPv6 shown as IPv4."""
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_ADDR_CACHE: Dict[Tuple[int, bytes], str] = {}
+_ADDR_CACHE_MAX = 65536
+
+
+def format_addr(family: int, raw: "bytes | ctypes.Array[ctypes.c_uint8]") -> str:
+    """Address bytes (network order) as text; IPv4-mapped IPv6 shown as IPv4. Cached: the
+    same peers recur in almost every record."""
     b = bytes(raw)
+    key = (family, b)
+    text = _ADDR_CACHE.get(key)
+    if text is not None:
+        return text
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(b[:4]))
-    if family == AF_INET6:
-        addr = ipaddress.IPv6Address(b[:16])
-        return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
-    return ""
+        text = socket.inet_ntop(socket.AF_INET, b[:4])
+    elif family == AF_INET6:
+        text = (socket.inet_ntop(socket.AF_INET, b[12:16]) if b[:12] == _V4_MAPPED
+                else socket.inet_ntop(socket.AF_INET6, b[:16]))
+    else:
+        text = ""
+    if len(_ADDR_CACHE) >= _ADDR_CACHE_MAX:
+        _ADDR_CACHE.clear()
+    _ADDR_CACHE[key] = text
+    return text

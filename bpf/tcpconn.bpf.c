@@ -33,6 +33,8 @@ struct ml_event *unused_ml_event __attribute__((unused));
 
 /* Knobs, set by the agent before load. */
 const volatile __u8 emit_retransmit_events = 1;
+/* Off by default in the agent: opens are learnt from sweeps and close records. */
+const volatile __u8 emit_open_events = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -229,7 +231,8 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		if (os == TCP_SYN_SENT && c) {
 			tuple_from_state_ctx(&c->tuple, ctx);
 			c->established_ns = now;
-			emit(ML_EV_OPEN, key, c, 0, 0);
+			if (emit_open_events)
+				emit(ML_EV_OPEN, key, c, 0, 0);
 			return 0;
 		}
 		if (c) /* e.g. first seen by a byte counter during a simultaneous open */
@@ -241,9 +244,12 @@ int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		tmp.direction = os == TCP_SYN_RECV ? ML_DIR_INBOUND : ML_DIR_OUTBOUND;
 		/* pid/comm stay empty for accepted sockets: this runs in softirq. The first
 		 * send/recv from the owning process fills them. */
-		if (bpf_map_update_elem(&conns, &key, &tmp, BPF_NOEXIST))
+		if (bpf_map_update_elem(&conns, &key, &tmp, BPF_NOEXIST)) {
 			count(ML_CNT_CONNS_FULL);
-		emit(ML_EV_OPEN, key, &tmp, 0, 0);
+			emit(ML_EV_OPEN, key, &tmp, 0, 0); /* untracked: the open must travel as an event */
+		} else if (emit_open_events) {
+			emit(ML_EV_OPEN, key, &tmp, 0, 0);
+		}
 		return 0;
 	}
 

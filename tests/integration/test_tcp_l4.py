@@ -190,4 +190,4 @@ def test_agent_reports_no_losses(agent: AgentProcess) -> None:
     assert agent.total("meshlens_agent_events_lost_total", source="tcp", reason="ringbuf_full") == 0
     assert agent.total("meshlens_agent_events_lost_total", source="tcp", reason="map_full") == 0
     assert agent.total("meshlens_agent_callback_errors_total", source="tcp") == 0
-    assert agent.total("meshlens_agent_events_read_total", source="tcp", type="open") >= 1009 * 2
+    assert agent.total("meshlens_agent_events_read_total", source="tcp", type="close") >= 1009 * 2

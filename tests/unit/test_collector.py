@@ -31,7 +31,8 @@ def snapshot_with(table: FlowTable, identity=None) -> AgentSnapshot:
 def one_connection_table() -> FlowTable:
     t = FlowTable()
     f = ConnFacts(sk=1, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
-                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80)
+                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80,
+                  established_ns=2)
     t.opened(f, 0.0007)
     t.closed(ConnFacts(**{**f.__dict__, "bytes_sent": 4099, "bytes_received": 613, "srtt_us": 90}), 2.0)
     t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 2}), "refused")

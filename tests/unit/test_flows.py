@@ -19,7 +19,8 @@ class Clock:
 
 def facts(sk: int = 0xA1, start: int = 10, **kw) -> ConnFacts:
     base = dict(sk=sk, start_ns=start, direction="outbound", process="curl", pid=42, cgroup_id=7, netns=99,
-                local_address="10.0.0.2", local_port=40001, peer_address="10.0.0.3", peer_port=8080)
+                local_address="10.0.0.2", local_port=40001, peer_address="10.0.0.3", peer_port=8080,
+                established_ns=start + 1)
     base.update(kw)
     return ConnFacts(**base)
 
@@ -37,9 +38,9 @@ def only(table: FlowTable):
 def test_sweeps_credit_only_deltas_and_close_credits_the_rest(clock: Clock) -> None:
     t = FlowTable(clock=clock)
     t.opened(facts(), connect_latency_s=0.0011)
-    t.update(facts(bytes_sent=1000, bytes_received=10))
-    t.update(facts(bytes_sent=1000, bytes_received=10))  # unchanged: nothing added
-    t.update(facts(bytes_sent=4099, bytes_received=613, segs_retrans=3))
+    t.seen(facts(bytes_sent=1000, bytes_received=10))
+    t.seen(facts(bytes_sent=1000, bytes_received=10))  # unchanged: nothing added
+    t.seen(facts(bytes_sent=4099, bytes_received=613, segs_retrans=3))
     t.closed(facts(bytes_sent=5003, bytes_received=613, segs_retrans=3, rsts_received=1, srtt_us=250), 1.5)
     key, r = only(t)
     assert key == RollupKey("outbound", "curl", 7, 99, "10.0.0.3", 8080)
@@ -54,9 +55,9 @@ def test_inbound_waits_for_its_process_then_credits_everything(clock: Clock) -> 
     t = FlowTable(clock=clock)
     inbound = facts(direction="inbound", pid=0, process="", local_port=8080, peer_port=51515)
     t.opened(inbound, None)
-    t.update(replace(inbound, bytes_received=4099))           # still no owner: nothing exported
+    t.seen(replace(inbound, bytes_received=4099))           # still no owner: nothing exported
     assert t.snapshot().rollups == {}
-    t.update(replace(inbound, pid=7, process="nginx", bytes_received=4099, bytes_sent=613))
+    t.seen(replace(inbound, pid=7, process="nginx", bytes_received=4099, bytes_sent=613))
     key, r = only(t)
     assert key.process == "nginx" and key.server_port == 8080 and key.direction == "inbound"
     assert (r.opened, r.bytes_received, r.bytes_sent, r.active) == (1, 4099, 613, 1)
@@ -128,6 +129,32 @@ def test_rst_after_close_is_credited_to_the_closed_connection(clock: Clock) -> N
 
 def test_unknown_direction_uses_the_lower_port_as_server_port(clock: Clock) -> None:
     t = FlowTable(clock=clock)
-    t.update(facts(direction="unknown", local_port=45000, peer_port=5432, bytes_sent=5))
+    t.seen(facts(direction="unknown", local_port=45000, peer_port=5432, bytes_sent=5))
     key, r = only(t)
     assert key.server_port == 5432 and r.bytes_sent == 5
+
+
+def test_open_counted_once_at_first_sight_without_open_events(clock: Clock) -> None:
+    """Open events are off: a sweep's first sight counts the open, later sweeps and the
+    close do not count it again; a connection opened and closed between sweeps is counted
+    by its close record."""
+    t = FlowTable(clock=clock)
+    syn_sent = facts(sk=1, start=10, established_ns=0)
+    t.seen(syn_sent)                               # still connecting: no open yet
+    assert t.snapshot().rollups == {} or only(t)[1].opened == 0
+    t.seen(replace(syn_sent, established_ns=15), connect_latency_s=0.002)
+    t.seen(replace(syn_sent, established_ns=15, bytes_sent=10))
+    t.closed(replace(syn_sent, established_ns=15, bytes_sent=10), 1.0, connect_latency_s=0.002)
+    t.closed(facts(sk=2, start=20), 0.5, connect_latency_s=0.001)   # never swept
+    _, r = only(t)
+    assert (r.opened, r.closed, r.bytes_sent) == (2, 2, 10)
+    assert r.connect_latency.count == 2
+
+
+def test_connections_older_than_the_agent_are_not_counted_as_opened(clock: Clock) -> None:
+    t = FlowTable(clock=clock)
+    old = facts(sk=3, direction="unknown", established_ns=0, bytes_sent=7)
+    t.seen(old)
+    t.closed(replace(old, bytes_sent=9), 100.0)
+    _, r = only(t)
+    assert (r.opened, r.closed, r.bytes_sent) == (0, 1, 9)

@@ -38,7 +38,8 @@ class Clock:
 def conn(table: FlowTable, sk: int, cg: int, direction: str, peer_cg: int, port: int, sent: int, recv: int) -> None:
     f = ConnFacts(sk=sk, start_ns=sk, direction=direction, process="p", pid=9, cgroup_id=cg, netns=cg,
                   local_address=PODS[cg][0], local_port=port if direction == "inbound" else 40000 + sk,
-                  peer_address=PODS[peer_cg][0], peer_port=40000 + sk if direction == "inbound" else port)
+                  peer_address=PODS[peer_cg][0], peer_port=40000 + sk if direction == "inbound" else port,
+                  established_ns=sk + 1)
     table.opened(f, None)
     table.closed(ConnFacts(**{**f.__dict__, "bytes_sent": sent, "bytes_received": recv}), 0.1)
 
@@ -81,7 +82,8 @@ def test_three_tier_chain_has_exactly_its_edges_counted_once() -> None:
 def test_callee_view_adds_callers_from_elsewhere() -> None:
     t = FlowTable()
     f = ConnFacts(sk=1, start_ns=1, direction="inbound", process="p", pid=9, cgroup_id=2, netns=2,
-                  local_address="10.0.0.12", local_port=80, peer_address="192.0.2.7", peer_port=51000)
+                  local_address="10.0.0.12", local_port=80, peer_address="192.0.2.7", peer_port=51000,
+                  established_ns=2)
     t.opened(f, None)
     series: Dict = {}
     http(series, "server", 2, 200, 4, 2, bucket=2)
