@@ -60,7 +60,7 @@ def _features_error(value: str) -> Optional[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from meshlens.exporter.collector import make_registry
+    from meshlens.exporter.collector import MeshlensCollector
     from meshlens.exporter.http_server import serve_metrics
 
     from meshlens.exporter.http_server import parse_addr
@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         identity.start()
-        server, _ = serve_metrics(make_registry(agent.snapshot), args.metrics_addr)
+        server, _ = serve_metrics(MeshlensCollector(agent.snapshot), args.metrics_addr)
         log.info("meshlens running: metrics on http://%s/metrics", args.metrics_addr)
         agent.run(stop)
         server.shutdown()

@@ -1,11 +1,24 @@
-"""Serves /metrics over HTTP from a registry (prometheus_client's WSGI server in a thread).
-The REST API joins here in a later issue."""
+"""Serves /metrics over HTTP: each scrape takes one snapshot through the collector and
+writes it with exporter/text_format (the same families client_python would render, at a
+fraction of the cost). A threaded stdlib server: scrapes never block the agent's loop. The
+REST API joins here in a later issue."""
 from __future__ import annotations
 
-from typing import Tuple
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterable, Protocol, Tuple
 
-from prometheus_client import start_http_server
-from prometheus_client.registry import CollectorRegistry
+from .text_format import CONTENT_TYPE, render
+
+
+class Collects(Protocol):
+    """A MeshlensCollector, or a whole CollectorRegistry: anything whose collect() yields
+    metric families."""
+
+    def collect(self) -> Iterable[object]: ...
+
+log = logging.getLogger("meshlens.http")
 
 
 def parse_addr(addr: str) -> Tuple[str, int]:
@@ -16,7 +29,45 @@ def parse_addr(addr: str) -> Tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve_metrics(registry: CollectorRegistry, addr: str):
-    host, port = parse_addr(addr)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: Tuple[str, int], collector: Collects) -> None:
+        if ":" in addr[0]:
+            import socket
+
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, _Handler)
+        self.collector = collector
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body, ctype, code = render(self.server.collector.collect()), CONTENT_TYPE, 200
+            except Exception:  # noqa: BLE001 - a failed scrape is a 500, never a dead agent
+                log.exception("rendering /metrics failed")
+                body, ctype, code = b"internal error rendering metrics\n", "text/plain", 500
+        elif path == "/":
+            body, ctype, code = b'meshlens agent: <a href="/metrics">/metrics</a>\n', "text/html", 200
+        else:
+            body, ctype, code = b"not found\n", "text/plain", 404
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve_metrics(collector: Collects, addr: str) -> Tuple[_Server, threading.Thread]:
+    server = _Server(parse_addr(addr), collector)
+    thread = threading.Thread(target=server.serve_forever, name="meshlens-http", daemon=True)
+    thread.start()
     return server, thread
