@@ -51,14 +51,14 @@ def notes(results: List[SectionResult], ctx: Context) -> List[str]:
     ex = _data(results, "exporter")
     if ex and _missed(results, "scrape_10k"):
         rows = ex.get("sizes", [])
-        per_line = [r["generate_ms"].median * 1e3 / max(1, r["sample_lines"]) for r in rows]
+        per_line = [r["http_ms"].median * 1e3 / max(1, r["sample_lines"]) for r in rows]
         shape = ex.get("shape", {})
-        out.append(f"/metrics: about {min(per_line):.0f}–{max(per_line):.0f} µs per series through prometheus_client "
-                   f"on this machine, and each flow rollup is {shape.get('per_rollup', '?')} series (49 of them "
-                   "histogram buckets). What closes it: render the exposition once per sweep and serve the cached "
-                   "bytes (the data only changes at sweeps), a direct text encoder instead of metric-family objects, "
-                   "and fewer buckets per TCP histogram; at 10k rollups (the default cap) only a smaller per-rollup "
-                   "footprint or a lower default cap brings a scrape into seconds rather than tens of seconds.")
+        out.append(f"/metrics: about {min(per_line):.0f}–{max(per_line):.0f} µs per series through the agent's "
+                   f"/metrics server on this machine, and each flow rollup is {shape.get('per_rollup', '?')} series "
+                   "(most of them histogram buckets). What closes it: render the exposition once per sweep and "
+                   "serve the cached bytes (the data only changes at sweeps), shorter label sets, and fewer buckets "
+                   "per TCP histogram; at 10k rollups (the default cap) only a smaller per-rollup footprint or a "
+                   "lower default cap brings a scrape under seconds.")
     if ctx.agent_modes == ["l4"]:
         out.append(f"`meshlens run` starts only {ctx.default_sources}, so 'full' = L4: the full-agent targets are "
                    "evaluated on the L4 agent.")

@@ -6,8 +6,9 @@ behaviour at the cardinality cap.
 connection, so every counter and all three histograms carry data: the exposition holds
 many more sample lines than rollups, and both numbers are reported. The collector is
 driven exactly as in the agent (exporter.collector.make_registry on an AgentSnapshot
-built from a real agent.flows.FlowTable), timed two ways: generate_latest() in-process,
-and an HTTP GET through exporter.http_server.serve_metrics as Prometheus would scrape.
+built from a real agent.flows.FlowTable), timed two ways: an HTTP GET through the agent's
+own exporter.http_server.serve_metrics (what Prometheus sees; it renders with the
+exporter's own text writer), and client_python's generate_latest() as a reference.
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def run(ctx: Context) -> SectionResult:
     res.intro = (f"Each rollup (one label set of the tcp families) is {shape['per_rollup']} sample lines: 7 counters, "
                  f"1 gauge and 3 histograms with their buckets, _sum and _count; the agent's own families add "
                  f"{shape['fixed']} lines. 'Series' below means Prometheus series (sample lines); the rollup rows use "
-                 f"the flow-table meaning (`--max-flows`). Cells: median [min–max] over repeats.")
+                 f"the flow-table meaning (`--max-flows`). 'HTTP GET' is the agent's own /metrics server (what "
+                 f"Prometheus sees, and what the target is checked on); generate_latest is client_python's encoder, "
+                 f"for reference. Cells: median [min–max] over repeats.")
     res.notes.append("100k rollups are not measured by `make bench` (one run would take minutes): a one-off run on this "
                      "machine (2026-11-27, busy) took 172 s for generate_latest and 131 s for the HTTP GET, "
                      "6.3 M lines, 1.2 GB, 134 MB of flow table.")
