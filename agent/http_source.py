@@ -44,7 +44,7 @@ from .l7_structs import (
     MlPathEvent,
 )
 from .routes import RouteConfig, RouteTable
-from .source import AttachChoice, Source, SourceHealth
+from .source import AttachChoice, ObjectSource, Source, SourceHealth
 from .tcpconn_structs import format_addr
 
 if TYPE_CHECKING:  # dns_source imports this module
@@ -144,7 +144,7 @@ class HttpSnapshot:
     tap: Tuple[TapRecord, ...] = ()
 
 
-class HttpSource(Source):
+class HttpSource(ObjectSource):
     name = "http"
 
     def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
@@ -191,20 +191,6 @@ class HttpSource(Source):
             raise
         for ch in self._choices:
             log.info("l7: %s via %s", ch.signal, ch.chosen)
-
-    def stop(self) -> None:
-        if self._rb:
-            self._rb.free()
-            self._rb = None
-        if self.obj:
-            self.obj.close()
-            self.obj = None
-
-    def ring_buffers(self) -> List[bpf.RingBuffer]:
-        return [self._rb] if self._rb else []
-
-    def attach_report(self) -> List[AttachChoice]:
-        return list(self._choices)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, data: bytes) -> None:

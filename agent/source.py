@@ -11,7 +11,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .bpf import RingBuffer
+from .bpf import BpfObject, RingBuffer
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,27 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Detach everything and free kernel objects. Idempotent."""
+
+
+class ObjectSource(Source):
+    """A Source built on one BPF object with at most one ring buffer: the bookkeeping every
+    such source shares (what to poll, what attached where, how to let go)."""
+
+    obj: Optional[BpfObject] = None
+    _rb: Optional[RingBuffer] = None
+    _choices: List[AttachChoice]
+
+    def ring_buffers(self) -> List[RingBuffer]:
+        return [self._rb] if self._rb else []
+
+    def attach_report(self) -> List[AttachChoice]:
+        return list(self._choices)
+
+    def stop(self) -> None:
+        """Free the ring buffer, then the object (which detaches every link). Idempotent."""
+        if self._rb:
+            self._rb.free()
+            self._rb = None
+        if self.obj:
+            self.obj.close()
+            self.obj = None

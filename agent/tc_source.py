@@ -24,7 +24,7 @@ from .drop_reasons import reason_name
 from .kernel_features import KernelFeatures
 from .libbpf import num_possible_cpus
 from .link_watch import LinkInfo, LinkWatcher, NetnsResolver
-from .source import AttachChoice, Source, SourceHealth
+from .source import AttachChoice, ObjectSource, SourceHealth
 from .tc_attach import TcAttacher
 from .tc_structs import (
     COUNTER_NAMES,
@@ -109,7 +109,7 @@ class TcSnapshot:
     syns_expired: int = 0
 
 
-class TcSource(Source):
+class TcSource(ObjectSource):
     name = "tc"
 
     def __init__(self, config: TcConfig = TcConfig(), features: Optional[KernelFeatures] = None,
@@ -163,15 +163,7 @@ class TcSource(Source):
         if self.attacher:
             self.attacher.detach_all()
             self.attacher = None
-        if self.obj:
-            self.obj.close()
-            self.obj = None
-
-    def ring_buffers(self) -> List[bpf.RingBuffer]:
-        return []
-
-    def attach_report(self) -> List[AttachChoice]:
-        return list(self._choices)
+        super().stop()
 
     # ---- links (called from the watcher thread) ------------------------------------------
     def link_up(self, link: LinkInfo) -> None:

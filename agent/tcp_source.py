@@ -18,7 +18,7 @@ from .attach import Signal, Variant, load_with_fallback
 from .flows import ConnFacts, FlowSnapshot, FlowTable
 from .kernel_features import KernelFeatures
 from .record_decoder import RecordDecoder
-from .source import AttachChoice, Source, SourceHealth
+from .source import AttachChoice, ObjectSource, SourceHealth
 from .tcpconn_structs import (
     COUNTER_NAMES,
     DIRECTION_NAMES,
@@ -123,7 +123,7 @@ def _connect_latency(f: ConnFacts) -> Optional[float]:
     return None
 
 
-class TcpSource(Source):
+class TcpSource(ObjectSource):
     name = "tcp"
 
     def __init__(self, config: TcpConfig = TcpConfig(), features: Optional[KernelFeatures] = None,
@@ -154,20 +154,6 @@ class TcpSource(Source):
         self._rb = bpf.RingBuffer(self.obj.map("events"), self._on_event)
         for ch in self._choices:
             log.info("tcp: %s via %s (%s)", ch.signal, ch.chosen, ", ".join(ch.programs))
-
-    def stop(self) -> None:
-        if self._rb:
-            self._rb.free()
-            self._rb = None
-        if self.obj:
-            self.obj.close()
-            self.obj = None
-
-    def ring_buffers(self) -> List[bpf.RingBuffer]:
-        return [self._rb] if self._rb else []
-
-    def attach_report(self) -> List[AttachChoice]:
-        return list(self._choices)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, data: bytes) -> None:
