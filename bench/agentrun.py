@@ -46,8 +46,12 @@ class BenchAgent(AgentProcess):
         self.attached: List[str] = []
 
     def start(self, timeout: float = 30.0) -> "BenchAgent":
-        super().start(timeout)
-        self.attached = attach_summary(self)
+        try:
+            super().start(timeout)
+            self.attached = attach_summary(self)
+        except BaseException:
+            self.stop()  # reaps the process, closes the log, removes the state dir
+            raise
         return self
 
     @property
