@@ -1,8 +1,8 @@
 """The agent under test: start it in a mode, read what it attached, its CPU/RSS, and the
 kernel-side run time of its own BPF programs.
 
-Modes: "l4" runs the real CLI restricted to the `tcp` source (bench/agent_launch.py);
-"full" runs `meshlens run` exactly as shipped (whatever `default_sources()` returns).
+Modes: "l4" runs `meshlens run --features l4` (TCP only); "full" runs `meshlens run` exactly
+as shipped (whatever `default_sources()` returns).
 Kernel cost is read from /proc/<agent>/fdinfo of the agent's BPF program fds (prog_id,
 run_time_ns, run_cnt), so programs of other agents on the machine are never mixed in.
 Run-time stats are switched on with BPF_ENABLE_STATS (an fd) rather than the
@@ -15,15 +15,11 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 from tests.integration.agent_proc import AgentProcess
-
-LAUNCHER = str(Path(__file__).with_name("agent_launch.py"))
-
 
 def default_source_names() -> List[str]:
     """Names of the sources `meshlens run` would start on this kernel (nothing is loaded)."""
@@ -37,11 +33,9 @@ class BenchAgent(AgentProcess):
     """AgentProcess in a bench mode; remembers what it attached."""
 
     def __init__(self, mode: str, *extra_args: str, sweep_interval: float = 1.0) -> None:
-        super().__init__(*extra_args, sweep_interval=sweep_interval)
-        if mode == "l4":
-            self.args = [sys.executable, LAUNCHER, "--sources", "tcp", *self.args[1:]]
-        elif mode != "full":
+        if mode not in ("l4", "full"):
             raise ValueError(f"unknown agent mode {mode!r}")
+        super().__init__(*(("--features", "l4") if mode == "l4" else ()), *extra_args, sweep_interval=sweep_interval)
         self.mode = mode
         self.attached: List[str] = []
 

@@ -48,7 +48,7 @@ def other_agents(own_pids: Iterable[int] = ()) -> int:
     n = 0
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if p.info["pid"] not in own and ("meshlens run" in cmd or ("agent_launch.py" in cmd and " run " in cmd)):
+        if p.info["pid"] not in own and "meshlens run" in cmd:
             n += 1
     return n
 

@@ -47,6 +47,13 @@ class AgentProcess:
         self.exit_code: Optional[int] = None
 
     def start(self, timeout: float = 20.0) -> "AgentProcess":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # reap the process, close the log, remove the state dir
+            raise
+
+    def _start(self, timeout: float) -> "AgentProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -99,8 +106,9 @@ class AgentProcess:
         return t.user + t.system, p.memory_info().rss
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc is None:
-            return 0
+        if self.proc is None:  # never started (or already stopped): only the directory to remove
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return self.exit_code or 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
