@@ -433,12 +433,21 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 	k.method = p->method;
 	count(ML_L7_HTTP_REQUESTS);
 
+	/* One request in sample_every goes to the tap, whichever path it takes below. */
+	if (sample_every) {
+		sc->sample_ctr++;
+		if (sc->sample_ctr % sample_every == 0) {
+			count(ML_L7_SAMPLES);
+			flags |= ML_HTTP_F_SAMPLE;
+		}
+	}
 	v = bpf_map_lookup_elem(&http_stats, &k);
 	if (!v) {
 		bpf_map_update_elem(&http_stats, &k, &sc->zero, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&http_stats, &k);
 	}
 	if (!v) {
+		/* No room: the request travels as a record (tap-sampled or not) and is counted. */
 		count(ML_L7_STATS_FULL);
 		emit_request(&k, flags | ML_HTTP_F_OVERFLOW, dur, req, rsp);
 		return;
@@ -462,13 +471,8 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 		if (b < ML_SIZE_BUCKETS)
 			__sync_fetch_and_add(&v->resp_body_buckets[b], 1);
 	}
-	if (sample_every) {
-		sc->sample_ctr++;
-		if (sc->sample_ctr % sample_every == 0) {
-			count(ML_L7_SAMPLES);
-			emit_request(&k, flags | ML_HTTP_F_SAMPLE, dur, req, rsp);
-		}
-	}
+	if (flags & ML_HTTP_F_SAMPLE)
+		emit_request(&k, flags, dur, req, rsp);
 }
 
 static __always_inline void send_path(struct scratch *sc, __u32 path_id, __u32 len)
