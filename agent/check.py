@@ -3,7 +3,6 @@ then the attach point each signal would use on this kernel (found by really load
 attaching every source, then detaching). Exit status 0 only if the agent can run."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, TextIO
 
@@ -101,6 +100,3 @@ def run_check(out: TextIO, make_sources: Callable[[KernelFeatures], List[Source]
     print(f"Status check results are {FAIL if failed else OK}", file=out)
     return 1 if failed else 0
 
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0

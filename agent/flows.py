@@ -147,13 +147,17 @@ class FlowTable:
         self.recently_closed_cap = 4096
 
     # ---- key handling -----------------------------------------------------------------
-    def _key_for(self, f: ConnFacts) -> Optional[RollupKey]:
+    @staticmethod
+    def _key_of(f: ConnFacts) -> RollupKey:
+        return RollupKey(f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
+                         server_port_of(f.direction, f.local_port, f.peer_port))
+
+    def _owned_key(self, f: ConnFacts) -> Optional[RollupKey]:
+        """The key once the local process is known; None for an accepted socket whose owner
+        has not touched it yet (its counts wait in the connection record)."""
         if f.direction == "inbound" and not f.pid:
-            return None  # accepted socket, owner not seen yet
-        return RollupKey(
-            f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
-            server_port_of(f.direction, f.local_port, f.peer_port),
-        )
+            return None
+        return self._key_of(f)
 
     def _admit(self, key: Optional[RollupKey]) -> Optional[RollupKey]:
         """The key a connection is credited to: its own, or OVERFLOW_KEY once the cap is
@@ -192,7 +196,7 @@ class FlowTable:
         """Add counter deltas since the last credit to the connection's rollup."""
         self._merge_identity(c, f)
         if c.key is None:
-            c.key = self._admit(self._key_for(c.facts))
+            c.key = self._admit(self._owned_key(c.facts))
             if c.key is None:
                 return
         r = self._rollup(c.key)
@@ -232,7 +236,7 @@ class FlowTable:
             c.note_open(f, connect_latency_s)
             self._merge_identity(c, f)
             if c.key is None:
-                c.key = self._admit(self._key_for(c.facts) or self._key_for_unowned(c.facts))
+                c.key = self._admit(self._key_of(c.facts))  # closing: name it as it is
             self._credit(c, f)
             self._remember_closed(f.sk, c.key)
             r = self._rollup(c.key)
@@ -241,16 +245,11 @@ class FlowTable:
             if f.srtt_us:
                 r.rtt.observe(f.srtt_us / 1e6)
 
-    def _key_for_unowned(self, f: ConnFacts) -> RollupKey:
-        """An accepted connection closed before its process touched it."""
-        return RollupKey(f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
-                         server_port_of(f.direction, f.local_port, f.peer_port))
-
     def connect_failed(self, f: ConnFacts, reason: str) -> None:
         with self._lock:
             c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
             self._merge_identity(c, f)
-            key = c.key or self._admit(self._key_for(c.facts) or self._key_for_unowned(c.facts))
+            key = c.key or self._admit(self._key_of(c.facts))
             c.key = key
             self._credit(c, f)
             r = self._rollup(key)
@@ -268,7 +267,7 @@ class FlowTable:
         same socket if there is one, else to a rollup built from the record itself."""
         with self._lock:
             key = self._recently_closed.get(f.sk) if f.sk else None
-            r = self._rollup(key or self._admit(self._key_for_unowned(f)))
+            r = self._rollup(key or self._admit(self._key_of(f)))
             for name, delta in deltas.items():
                 setattr(r, name, getattr(r, name) + delta)
 

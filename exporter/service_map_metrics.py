@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Tuple
 
 from meshlens.agent.identity_model import Workload
-from meshlens.agent.service_map import EdgeTotals, ServiceMap
+from meshlens.agent.service_map import ServiceMap
 from meshlens.agent.snapshot import AgentSnapshot
 
 from .metrics import family
@@ -50,5 +50,3 @@ def edge_families(snap: AgentSnapshot) -> Iterable[object]:
     out.append(active)
     return out
 
-
-_ = EdgeTotals  # re-exported type for readers of this module
