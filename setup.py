@@ -29,7 +29,11 @@ setup(
     version="0.1.0",
     description="Sidecarless eBPF telemetry agent for Kubernetes: golden signals, service map, tap",
     python_requires=">=3.9",
-    packages=["meshlens.agent", "meshlens.exporter"],
+    packages=[
+        "meshlens.agent", "meshlens.agent.kernel", "meshlens.agent.sources", "meshlens.agent.sources.tcp",
+        "meshlens.agent.sources.l7", "meshlens.agent.sources.tc", "meshlens.agent.identity",
+        "meshlens.agent.aggregate", "meshlens.exporter", "meshlens.exporter.prometheus",
+    ],
     package_dir={"meshlens.agent": "agent", "meshlens.exporter": "exporter"},
     package_data={"meshlens.agent": ["bpfobj/*.bpf.o"]},
     install_requires=[
@@ -40,7 +44,7 @@ setup(
         "fastapi>=0.100",
         "kubernetes>=30",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2"]},
-    entry_points={"console_scripts": ["meshlens=meshlens.agent.cli:main"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2", "import-linter>=2.0"]},
+    entry_points={"console_scripts": ["meshlens=meshlens.exporter.cli:main"]},
     cmdclass={"build_py": BuildWithBpf},
 )

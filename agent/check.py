@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, TextIO
 
-from . import bpf
-from .kernel_features import KernelFeatures
-from .source import Source
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.base import Source
 
 OK, FAIL, WARN = "√", "×", "‼"
 

@@ -1,7 +1,8 @@
 """Process lifecycle: one agent per node (a lock), cleanup of what a crashed predecessor left
 behind (pinned objects under bpffs), and signal handling that turns SIGTERM/SIGINT into an
-orderly stop. Tracepoint links die with the process that owns them; pins and tc filters do
-not, so they are cleaned here before anything new is attached."""
+orderly stop. Tracepoint links die with the process that owns them; pins do not, so they are
+cleaned here before anything new is attached (stale tc filters are the tc source's to remove:
+agent/sources/tc/attach.py)."""
 from __future__ import annotations
 
 import errno
@@ -69,11 +70,3 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
-
-
-def cleanup_stale_tc_filters() -> int:
-    """Remove meshlens tc filters whose program no live process holds (a crashed agent's),
-    before new ones are attached; a live agent's filters are left alone. Returns how many."""
-    from .tc_attach import remove_stale_filters
-
-    return len(remove_stale_filters())

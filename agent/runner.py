@@ -15,15 +15,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import psutil
 
-from .cgroups import CgroupResolver
-from .identity_model import IdentityView, StandaloneIdentity
-from .kernel_features import KernelFeatures
-from .service_map import ServiceMap
-from .snapshot import AgentSnapshot, ProcessStats
-from .source import Source
-from .tcp_source import TcpConfig, TcpSource
-from .tc_source import TcConfig, TcSource
-from .http_source import HttpConfig, l7_sources
+from meshlens.agent.identity.cgroups import CgroupResolver
+from meshlens.agent.identity.model import IdentityView, StandaloneIdentity
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.aggregate.flows import FlowTable
+from meshlens.agent.aggregate.service_map import ServiceMap
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.agent.sources.base import Source
+from meshlens.agent.sources.tcp.source import TcpConfig, TcpSource
+from meshlens.agent.sources.tc.source import TcConfig, TcSource
+from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
 
 log = logging.getLogger("meshlens.runner")
 
@@ -45,7 +46,8 @@ FEATURES = ("l4", "l7", "tc")
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
     """The sources for the configured features, in start order. L4 always runs: the flow
     table, the service map and the agent's health build on it."""
-    sources: List[Source] = [TcpSource(config.tcp, features)]
+    flows = FlowTable(config.tcp.max_rollups, config.tcp.rollup_ttl_s)
+    sources: List[Source] = [TcpSource(flows, config.tcp, features)]
     if "l7" in config.features:
         sources += l7_sources(config.http, features)
     if "tc" in config.features:

@@ -23,7 +23,7 @@ from tests.integration.agent_proc import AgentProcess
 
 def default_source_names() -> List[str]:
     """Names of the sources `meshlens run` would start on this kernel (nothing is loaded)."""
-    from meshlens.agent.kernel_features import KernelFeatures
+    from meshlens.agent.kernel.features import KernelFeatures
     from meshlens.agent.runner import AgentConfig, default_sources
 
     return [s.name for s in default_sources(AgentConfig(), KernelFeatures.probe())]
@@ -116,7 +116,7 @@ def prog_delta(before: Dict[int, ProgStats], after: Dict[int, ProgStats]) -> Dic
 def program_objects() -> Dict[str, str]:
     """Program name (as the kernel shows it, 15 chars) -> BPF object it comes from
     (tcpconn, l7, ...), from the FUNC entries of each shipped object's BTF."""
-    from meshlens.agent import bpf as agent_bpf
+    from meshlens.agent.kernel import bpf as agent_bpf
 
     objdir = Path(agent_bpf.object_path("tcpconn")).parent
     out: Dict[str, str] = {}

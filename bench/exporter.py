@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, List
 
 from prometheus_client import generate_latest
 
-from meshlens.agent.flows import OVERFLOW, ConnFacts, FlowTable
-from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
-from meshlens.exporter.collector import make_registry
+from meshlens.agent.aggregate.flows import OVERFLOW, ConnFacts, FlowTable
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.exporter.prometheus.collector import make_registry
 from meshlens.exporter.http_server import serve_metrics
 
 from .context import Context

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from meshlens.agent import bpf
-from meshlens.agent.tc_attach import TcAttacher
+from meshlens.agent.kernel import bpf
+from meshlens.agent.sources.tc.attach import TcAttacher
 from tests.integration.pods import Node, Pod
 from tests.integration.servers import Iperf3Server, run_iperf3
 

@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable, Protocol, Tuple
 
-from .text_format import CONTENT_TYPE, render
+from meshlens.exporter.prometheus.text_format import CONTENT_TYPE, render
 
 
 class Collects(Protocol):

@@ -9,10 +9,10 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, List, Tuple
 
-from meshlens.agent.dns_source import DnsSnapshot
-from meshlens.agent.http_source import HttpSeriesKey, HttpSource, HttpStats
-from meshlens.agent.l7_structs import DURATION_BOUNDS_S, kernel_bucket
-from meshlens.agent.routes import template
+from meshlens.agent.sources.l7.dns import DnsSnapshot
+from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSource, HttpStats
+from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S, kernel_bucket
+from meshlens.agent.sources.l7.routes import template
 from tests.integration.pods import Pod
 
 Key = Tuple[str, int, str]  # (method, status, route)
@@ -94,7 +94,7 @@ def dns_series(snap: DnsSnapshot, pod: Pod) -> Dict:
 def started_source(**kw) -> Iterator[HttpSource]:
     """The L7 sources run by the agent's own loop (runner.Agent) in a thread, as in
     `meshlens run`: ring buffers are polled continuously, maps swept every 0.1 s."""
-    from meshlens.agent.http_source import HttpConfig, l7_sources
+    from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
     from meshlens.agent.runner import Agent, AgentConfig
 
     sources = l7_sources(HttpConfig(**kw))

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from meshlens.agent.kernel_features import KernelFeatures
-from meshlens.agent.tcp_source import TcpSource
+from meshlens.agent.aggregate.flows import FlowTable
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.tcp.source import TcpSource
 from tests.integration.agent_proc import MESHLENS, AgentProcess, held_prog_ids, loaded_programs
 from tests.integration.test_tcp_l4 import finish, of, run_json, start_listener
 
@@ -92,7 +93,7 @@ def test_fallback_when_the_kernel_refuses_the_preferred_variant(monkeypatch) -> 
     tracepoints, saying why."""
     kf = KernelFeatures.probe()
     monkeypatch.setitem(kf.__dict__, "fentry", True)
-    src = TcpSource(features=kf)
+    src = TcpSource(FlowTable(100, 60.0), features=kf)
     src.start()
     try:
         bytes_choice = next(c for c in src.attach_report() if c.signal == "tcp_bytes")

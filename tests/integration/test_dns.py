@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 
-from meshlens.agent.http_source import HttpSource
+from meshlens.agent.sources.l7.http import HttpSource
 from tests.integration.l7_helpers import dns_series, settle, started_source
 from tests.integration.pods import Node
 from tests.integration.servers import Dnsmasq, dns_query

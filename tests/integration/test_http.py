@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from meshlens.agent.http_source import HttpSource
-from meshlens.agent.l7_structs import DURATION_BOUNDS_S
+from meshlens.agent.sources.l7.http import HttpSource
+from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S
 from tests.integration.l7_helpers import (
     counts_by_request,
     diff_counts,

@@ -12,12 +12,12 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from meshlens.agent.cgroups import CgroupResolver
-from meshlens.agent.identity import IdentityResolver
-from meshlens.agent.identity_model import Workload
-from meshlens.agent.k8s_state import ClusterState
-from meshlens.agent.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
-from meshlens.agent.netns import NetnsLocator
+from meshlens.agent.identity.cgroups import CgroupResolver
+from meshlens.agent.identity.resolver import IdentityResolver
+from meshlens.agent.identity.model import Workload
+from meshlens.agent.identity.k8s_state import ClusterState
+from meshlens.agent.identity.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
+from meshlens.agent.identity.netns import NetnsLocator
 from tests.integration.pods import Node, Pod
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, owner_ref, pod_object
 

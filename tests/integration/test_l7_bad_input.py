@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from meshlens.agent.http_source import HttpSource
+from meshlens.agent.sources.l7.http import HttpSource
 from tests.integration.l7_helpers import (
     counts_by_request,
     diff_counts,

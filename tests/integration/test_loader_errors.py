@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meshlens.agent import bpf
-from meshlens.agent.tcpconn_structs import TcpconnRodata
+from meshlens.agent.kernel import bpf
+from meshlens.agent.sources.tcp.structs import TcpconnRodata
 
 INCLUDE = Path(__file__).resolve().parents[2] / "bpf" / "include"
 

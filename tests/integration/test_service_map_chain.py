@@ -12,12 +12,12 @@ import time
 import uuid
 from pathlib import Path
 
-from meshlens.agent.identity import IdentityResolver
-from meshlens.agent.k8s_state import ClusterState
-from meshlens.agent.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
-from meshlens.agent.netns import NetnsLocator
+from meshlens.agent.identity.resolver import IdentityResolver
+from meshlens.agent.identity.k8s_state import ClusterState
+from meshlens.agent.identity.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
+from meshlens.agent.identity.netns import NetnsLocator
 from meshlens.agent.runner import Agent, AgentConfig
-from meshlens.exporter.collector import make_registry
+from meshlens.exporter.prometheus.collector import make_registry
 from tests.integration.pods import Pod
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, owner_ref, pod_object
 

@@ -8,10 +8,10 @@ import time
 
 from prometheus_client.registry import CollectorRegistry
 
-from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
-from meshlens.agent.tc_source import TcSource
-from meshlens.exporter.collector import make_registry
-from meshlens.exporter.tc_metrics import tc_families
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.agent.sources.tc.source import TcSource
+from meshlens.exporter.prometheus.collector import make_registry
+from meshlens.exporter.prometheus.tc import tc_families
 from tests.integration.test_identity_pods import cluster  # noqa: F401 - the fixture
 from tests.integration.test_tcp_l4 import finish, run_json, start_listener
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 from pyroute2 import IPRoute
 
-from meshlens.agent import bpf
+from meshlens.agent.kernel import bpf
 from tests.integration.agent_proc import AgentProcess
 from tests.integration.pods import Node, Pod
 from tests.integration.test_tcp_l4 import finish, run_json, start_listener

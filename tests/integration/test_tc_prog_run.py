@@ -16,9 +16,9 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 
-from meshlens.agent import bpf
-from meshlens.agent.libbpf import num_possible_cpus
-from meshlens.agent.tc_structs import (
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.libbpf import num_possible_cpus
+from meshlens.agent.sources.tc.structs import (
     COUNTER_NAMES,
     EGRESS,
     INGRESS,
@@ -440,8 +440,8 @@ def test_full_maps_are_counted_not_evicted() -> None:
 def test_unanswered_syns_are_expired_by_the_sweep(h: Harness) -> None:
     """The `syns` map is a plain hash: SYNs that never get an answer are deleted (and
     counted) by the agent's sweep after syn_timeout_s, not evicted by the kernel."""
-    from meshlens.agent.kernel_features import KernelFeatures
-    from meshlens.agent.tc_source import TcConfig, TcSource
+    from meshlens.agent.kernel.features import KernelFeatures
+    from meshlens.agent.sources.tc.source import TcConfig, TcSource
 
     h.clear_handshakes()
     h.run(pk.tcp4("10.3.0.1", "10.3.0.2", 40100, 80, pk.SYN).data, INGRESS)

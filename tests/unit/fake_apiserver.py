@@ -1,6 +1,6 @@
 """A local Kubernetes API server for tests: real API objects over the real list/watch protocol.
 
-No API server exists on the development machines, so the agent's watcher (agent/k8s_watch.py,
+No API server exists on the development machines, so the agent's watcher (agent/identity/k8s_watch.py,
 the official `kubernetes` client underneath) is tested against this one. It speaks what the
 client relies on:
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshlens.agent.attach import Signal, Variant, plan, variant_available
-from meshlens.agent.kernel_features import KernelFeatures
-from meshlens.agent.tcp_source import SIGNALS
+from meshlens.agent.kernel.attach import Signal, Variant, plan, variant_available
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.tcp.source import SIGNALS
 
 
 class FakeKernel(KernelFeatures):

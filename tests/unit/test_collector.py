@@ -8,12 +8,12 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from meshlens.agent.flows import ConnFacts, FlowTable
-from meshlens.agent.identity_model import Workload
-from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
-from meshlens.agent.source import AttachChoice, SourceHealth
-from meshlens.exporter.collector import make_registry
-from meshlens.exporter.metrics import METRICS
+from meshlens.agent.aggregate.flows import ConnFacts, FlowTable
+from meshlens.agent.identity.model import Workload
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.agent.sources.base import AttachChoice, SourceHealth
+from meshlens.exporter.prometheus.collector import make_registry
+from meshlens.exporter.prometheus.metrics import METRICS
 
 
 def snapshot_with(table: FlowTable, identity=None) -> AgentSnapshot:

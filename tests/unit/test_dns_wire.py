@@ -6,7 +6,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshlens.agent.dns_wire import parse, read_name
+from meshlens.agent.sources.l7.dns_wire import parse, read_name
 
 
 def query(name: str, qtype: int = 1, txid: int = 0x1234, flags: int = 0x0100, an: int = 0) -> bytes:

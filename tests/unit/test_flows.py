@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from meshlens.agent.flows import OVERFLOW_KEY, ConnFacts, FlowTable, RollupKey
+from meshlens.agent.aggregate.flows import OVERFLOW_KEY, ConnFacts, FlowTable, RollupKey
 
 
 class Clock:

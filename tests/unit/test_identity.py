@@ -12,12 +12,12 @@ from typing import List
 
 import pytest
 
-from meshlens.agent.cgroups import CgroupResolver
-from meshlens.agent.identity import CidrNames, IdentityResolver, normalize_address, parse_cidr_names
-from meshlens.agent.identity_model import UNKNOWN, IdentityView, StandaloneIdentity, Workload, external, service
-from meshlens.agent.k8s_state import ClusterState
-from meshlens.agent.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
-from meshlens.agent.netns import NetnsLocator, parse_fib_trie_local, parse_if_inet6
+from meshlens.agent.identity.cgroups import CgroupResolver
+from meshlens.agent.identity.resolver import CidrNames, IdentityResolver, normalize_address, parse_cidr_names
+from meshlens.agent.identity.model import UNKNOWN, IdentityView, StandaloneIdentity, Workload, external, service
+from meshlens.agent.identity.k8s_state import ClusterState
+from meshlens.agent.identity.k8s_watch import Backoff, KubeWatcher, WatchConfig, api_client
+from meshlens.agent.identity.netns import NetnsLocator, parse_fib_trie_local, parse_if_inet6
 from tests.integration.pods import kubelet_cgroup_relpath
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, pod_object
 

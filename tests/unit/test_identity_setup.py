@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meshlens.agent.identity_model import Workload
-from meshlens.agent.identity_setup import add_identity_arguments, identity_from_args, kubernetes_wanted
+from meshlens.agent.identity.model import Workload
+from meshlens.agent.identity.setup import add_identity_arguments, identity_from_args, kubernetes_wanted
 from tests.unit.fake_apiserver import FakeApiServer, load_objects
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from meshlens.agent.k8s_watch import ALL_RESOURCES, POD, SERVICE, Backoff, KubeWatcher, WatchConfig, api_client
+from meshlens.agent.identity.k8s_watch import ALL_RESOURCES, POD, SERVICE, Backoff, KubeWatcher, WatchConfig, api_client
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, pod_object
 
 FAST = Backoff(base_s=0.02, cap_s=0.1)

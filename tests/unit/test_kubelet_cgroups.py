@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 
-from meshlens.agent.kubelet_cgroups import ContainerCgroup, parse_cgroup_path
+from meshlens.agent.identity.kubelet_cgroups import ContainerCgroup, parse_cgroup_path
 from tests.integration.pods import kubelet_cgroup_relpath
 
 UID = "7f3c2a1e-5b6d-4c8e-9f01-23456789abcd"

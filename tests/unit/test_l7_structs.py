@@ -5,9 +5,9 @@ import ctypes
 
 import pytest
 
-from meshlens.agent import bpf
-from meshlens.agent.btf_layout import ObjectBtf, compare
-from meshlens.agent.l7_structs import (
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.btf_layout import ObjectBtf, compare
+from meshlens.agent.sources.l7.structs import (
     COUNTER_NAMES,
     DURATION_BOUNDS_S,
     MIRRORS,

@@ -2,7 +2,7 @@
 HTTP source's handling of ring-buffer records, and the metric families on a fake snapshot."""
 from __future__ import annotations
 
-from meshlens.agent.identity_model import Workload, external
+from meshlens.agent.identity.model import Workload, external
 
 import ctypes
 import struct
@@ -10,10 +10,10 @@ import struct
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
-from meshlens.agent.dns_source import DnsTracker
-from meshlens.agent.histogram import Histogram
-from meshlens.agent.http_source import HttpSeriesKey, HttpSnapshot, HttpSource, HttpStats
-from meshlens.agent.l7_structs import (
+from meshlens.agent.sources.l7.dns import DnsTracker
+from meshlens.agent.sources.histogram import Histogram
+from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpSource, HttpStats
+from meshlens.agent.sources.l7.structs import (
     DNS_QUERY,
     DNS_RESPONSE,
     DURATION_BOUNDS_S,
@@ -26,9 +26,9 @@ from meshlens.agent.l7_structs import (
     MlHttpEvent,
     MlPathEvent,
 )
-from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
-from meshlens.exporter.dns_metrics import dns_families
-from meshlens.exporter.http_metrics import http_families
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.exporter.prometheus.dns import dns_families
+from meshlens.exporter.prometheus.http import http_families
 
 
 def dns_msg(txid: int, name: str, qtype: int, response: bool = False, rcode: int = 0, an: int = 0) -> bytes:

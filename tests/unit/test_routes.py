@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshlens.agent.routes import OVERFLOW_ROUTE, UNKNOWN_ROUTE, RouteConfig, RouteTable, template
+from meshlens.agent.sources.l7.routes import OVERFLOW_ROUTE, UNKNOWN_ROUTE, RouteConfig, RouteTable, template
 
 
 def test_examples() -> None:

@@ -6,10 +6,10 @@ from typing import Dict
 
 import pytest
 
-from meshlens.agent.flows import ConnFacts, FlowTable
-from meshlens.agent.http_source import HttpSeriesKey, HttpSnapshot, HttpStats
-from meshlens.agent.identity_model import Workload, external
-from meshlens.agent.service_map import UNKNOWN_CALLER, ServiceMap, edge_totals, quantile
+from meshlens.agent.aggregate.flows import ConnFacts, FlowTable
+from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpStats
+from meshlens.agent.identity.model import Workload, external
+from meshlens.agent.aggregate.service_map import UNKNOWN_CALLER, ServiceMap, edge_totals, quantile
 
 FRONTEND = Workload("shop", "frontend-7d9-abc", "Deployment", "frontend")
 API = Workload("shop", "api-5f4-def", "Deployment", "api")

@@ -5,9 +5,9 @@ import ctypes
 
 import pytest
 
-from meshlens.agent import bpf
-from meshlens.agent.btf_layout import ObjectBtf, compare
-from meshlens.agent.tcpconn_structs import COUNTER_NAMES, MIRRORS, TcpconnRodata
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.btf_layout import ObjectBtf, compare
+from meshlens.agent.sources.tcp.structs import COUNTER_NAMES, MIRRORS, TcpconnRodata
 
 
 @pytest.fixture(scope="module")

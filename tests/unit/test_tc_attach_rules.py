@@ -10,8 +10,8 @@ from typing import List, Tuple
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from meshlens.agent import tc_attach
-from meshlens.agent.tc_attach import EGRESS_PARENT, FILTER_PRIO, INGRESS_PARENT, TcAttacher, TcFilter
+from meshlens.agent.sources.tc import attach as tc_attach
+from meshlens.agent.sources.tc.attach import EGRESS_PARENT, FILTER_PRIO, INGRESS_PARENT, TcAttacher, TcFilter
 
 
 class FakeMsg(dict):

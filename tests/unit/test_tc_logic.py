@@ -9,14 +9,14 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from meshlens.agent.drop_reasons import reason_name, short_name
-from meshlens.agent.identity_model import Workload, external
-from meshlens.agent.link_watch import KIND_MAIN, KIND_POD_VETH, classify
-from meshlens.agent.snapshot import AgentSnapshot, ProcessStats
-from meshlens.agent.tc_source import IfCounters, InterfaceInfo, RttSeries, TcSnapshot
-from meshlens.agent.tc_structs import RTT_SLOTS, rtt_bucket_bounds, rtt_slot
-from meshlens.exporter.collector import make_registry
-from meshlens.exporter.tc_metrics import tc_families
+from meshlens.agent.kernel.drop_reasons import reason_name, short_name
+from meshlens.agent.identity.model import Workload, external
+from meshlens.agent.sources.tc.link_watch import KIND_MAIN, KIND_POD_VETH, classify
+from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
+from meshlens.agent.sources.tc.source import IfCounters, InterfaceInfo, RttSeries, TcSnapshot
+from meshlens.agent.sources.tc.structs import RTT_SLOTS, rtt_bucket_bounds, rtt_slot
+from meshlens.exporter.prometheus.collector import make_registry
+from meshlens.exporter.prometheus.tc import tc_families
 
 
 class FakeLinkInfo(dict):

@@ -1,4 +1,4 @@
-"""The tc ctypes mirrors (agent/tc_structs.py) match bpf/tc.bpf.c's BTF, and the pure
+"""The tc ctypes mirrors (agent/sources/tc/structs.py) match bpf/tc.bpf.c's BTF, and the pure
 helpers that decode its maps (per-CPU split, sums, log2 RTT slots) agree with the kernel's
 conventions. No privileges needed."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import ctypes
 
 import pytest
 
-from meshlens.agent import bpf
-from meshlens.agent.btf_layout import ObjectBtf, compare
-from meshlens.agent.tc_structs import (
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.btf_layout import ObjectBtf, compare
+from meshlens.agent.sources.tc.structs import (
     CNT_MAX,
     COUNTER_NAMES,
     MIRRORS,

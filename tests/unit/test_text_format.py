@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from meshlens.exporter.text_format import render
+from meshlens.exporter.prometheus.text_format import render
 
 
 def families():

@@ -1,0 +1,289 @@
+"""The L4 flow table: per-connection state rolled up per (local identity, peer, direction).
+
+Fed by agent/sources/tcp/source.py with kernel facts (ConnFacts) (open/close events, periodic sweeps of the
+`conns` map, overflow records); read by the exporter through `snapshot()`.
+
+Per connection (keyed by socket pointer + start time, so a reused pointer is a new
+connection) it remembers the counters already credited, so every sweep adds only the delta.
+Connections roll up into a RollupKey. For the peer, outbound connections keep the remote
+address and port; inbound ones keep the remote address and the *local* (server) port: the
+client's ephemeral port would make every connection its own series. Accepted sockets learn
+their process only when the owning process first reads or writes; until then their counts
+wait in the connection record, and they are credited at that point (or at close).
+
+Bounded: at most `max_rollups` keys; new keys beyond that go to one overflow key and are
+counted. Keys without live connections and without updates for `ttl` seconds expire.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from meshlens.agent.sources.histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from meshlens.agent.sources.tcp.facts import ConnFacts
+
+__all__ = ["OVERFLOW", "OVERFLOW_KEY", "ConnFacts", "FlowSnapshot", "FlowTable", "Rollup", "RollupKey"]
+
+OVERFLOW = "__overflow__"
+
+
+@dataclass(frozen=True)
+class RollupKey:
+    direction: str       # outbound | inbound | unknown
+    process: str         # process name (comm); "" when unknown
+    cgroup_id: int
+    netns: int
+    peer_address: str
+    server_port: int     # remote port for outbound, local port for inbound/unknown
+
+
+OVERFLOW_KEY = RollupKey(OVERFLOW, OVERFLOW, 0, 0, OVERFLOW, 0)
+
+
+_COUNTERS = ("bytes_sent", "bytes_received", "segs_retrans", "rsts_sent", "rsts_received")
+
+
+@dataclass
+class Rollup:
+    opened: int = 0
+    closed: int = 0
+    connect_failures: Dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    segs_retrans: int = 0
+    rsts_sent: int = 0
+    rsts_received: int = 0
+    connect_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    rtt: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    active: int = 0
+    last_update: float = 0.0
+
+    def copy(self) -> "Rollup":
+        return Rollup(
+            self.opened, self.closed, dict(self.connect_failures), self.bytes_sent, self.bytes_received,
+            self.segs_retrans, self.rsts_sent, self.rsts_received, self.connect_latency.copy(),
+            self.rtt.copy(), self.duration.copy(), self.active, self.last_update,
+        )
+
+
+@dataclass
+class _Conn:
+    facts: ConnFacts
+    credited: Dict[str, int] = field(default_factory=lambda: {c: 0 for c in _COUNTERS})
+    key: Optional[RollupKey] = None       # None until the local process is known
+    open_pending: bool = False            # an open to credit once the key is known
+    open_noted: bool = False              # the open was noted (pending or credited): once only
+    connect_latency_s: Optional[float] = None
+
+    def note_open(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
+        """Count this connection's open once, as soon as it is known to have been
+        established while the agent watched (not for connections that predate it)."""
+        if not self.open_noted and f.established_ns and f.direction != "unknown":
+            self.open_noted = True
+            self.open_pending = True
+            self.connect_latency_s = connect_latency_s
+
+
+@dataclass(frozen=True)
+class FlowSnapshot:
+    rollups: Dict[RollupKey, Rollup]
+    live_connections: int
+    rollup_overflows: int
+    rollups_expired: int
+    max_rollups: int
+
+
+def server_port_of(direction: str, local_port: int, peer_port: int) -> int:
+    if direction == "outbound":
+        return peer_port
+    if direction == "inbound":
+        return local_port
+    return min(local_port, peer_port)  # unknown: the well-known side is usually the smaller
+
+
+class FlowTable:
+    def __init__(
+        self,
+        max_rollups: int = 10_000,
+        ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_rollups = max_rollups
+        self.ttl = ttl
+        self._clock = clock
+        self._conns: Dict[Tuple[int, int], _Conn] = {}
+        self._rollups: Dict[RollupKey, Rollup] = {}
+        self._lock = threading.Lock()
+        self.rollup_overflows = 0
+        self.rollups_expired = 0
+        # sk -> rollup of connections closed moments ago: a zero-linger close sends its RST
+        # after the kernel has already reported the close.
+        self._recently_closed: "OrderedDict[int, RollupKey]" = OrderedDict()
+        self.recently_closed_cap = 4096
+
+    # ---- key handling -----------------------------------------------------------------
+    @staticmethod
+    def _key_of(f: ConnFacts) -> RollupKey:
+        return RollupKey(f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
+                         server_port_of(f.direction, f.local_port, f.peer_port))
+
+    def _owned_key(self, f: ConnFacts) -> Optional[RollupKey]:
+        """The key once the local process is known; None for an accepted socket whose owner
+        has not touched it yet (its counts wait in the connection record)."""
+        if f.direction == "inbound" and not f.pid:
+            return None
+        return self._key_of(f)
+
+    def _admit(self, key: Optional[RollupKey]) -> Optional[RollupKey]:
+        """The key a connection is credited to: its own, or OVERFLOW_KEY once the cap is
+        reached (decided once per connection, counted once)."""
+        if key is None or key in self._rollups:
+            return key
+        if len(self._rollups) - (OVERFLOW_KEY in self._rollups) >= self.max_rollups:
+            self.rollup_overflows += 1
+            return OVERFLOW_KEY
+        return key
+
+    def _rollup(self, key: RollupKey) -> Rollup:
+        r = self._rollups.get(key)
+        if r is None:
+            r = self._rollups[key] = Rollup()
+        r.last_update = self._clock()
+        return r
+
+    # ---- connection lifecycle ----------------------------------------------------------
+    def _conn(self, f: ConnFacts) -> _Conn:
+        ck = (f.sk, f.start_ns)
+        c = self._conns.get(ck)
+        if c is None:
+            c = self._conns[ck] = _Conn(f)
+        return c
+
+    def _merge_identity(self, c: _Conn, f: ConnFacts) -> None:
+        old = c.facts
+        if f.pid and not old.pid:
+            old.pid, old.process = f.pid, f.process
+        if f.local_port and not old.local_port:
+            old.local_address, old.local_port = f.local_address, f.local_port
+            old.peer_address, old.peer_port = f.peer_address, f.peer_port
+
+    def _credit(self, c: _Conn, f: ConnFacts) -> None:
+        """Add counter deltas since the last credit to the connection's rollup."""
+        self._merge_identity(c, f)
+        if c.key is None:
+            c.key = self._admit(self._owned_key(c.facts))
+            if c.key is None:
+                return
+        r = self._rollup(c.key)
+        if c.open_pending:
+            c.open_pending = False
+            r.opened += 1
+            if c.connect_latency_s is not None:
+                r.connect_latency.observe(c.connect_latency_s)
+        for name in _COUNTERS:
+            now_v = getattr(f, name)
+            delta = now_v - c.credited[name]
+            if delta > 0:
+                setattr(r, name, getattr(r, name) + delta)
+                c.credited[name] = now_v
+
+    def opened(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
+        """An open event (sent only when the kernel could not track the connection, or
+        when open events are switched on)."""
+        with self._lock:
+            c = self._conn(f)
+            c.note_open(f, connect_latency_s)
+            self._credit(c, f)
+
+    def seen(self, f: ConnFacts, connect_latency_s: Optional[float] = None) -> None:
+        """A sweep saw this connection alive with these cumulative counters; the first
+        sight of an established connection counts its open."""
+        with self._lock:
+            c = self._conn(f)
+            c.note_open(f, connect_latency_s)
+            self._credit(c, f)
+
+    def closed(self, f: ConnFacts, duration_s: float, connect_latency_s: Optional[float] = None) -> None:
+        """The close record: final counters. A connection opened and closed between two
+        sweeps is first seen here, and its open is counted here."""
+        with self._lock:
+            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
+            c.note_open(f, connect_latency_s)
+            self._merge_identity(c, f)
+            if c.key is None:
+                c.key = self._admit(self._key_of(c.facts))  # closing: name it as it is
+            self._credit(c, f)
+            self._remember_closed(f.sk, c.key)
+            r = self._rollup(c.key)
+            r.closed += 1
+            r.duration.observe(duration_s)
+            if f.srtt_us:
+                r.rtt.observe(f.srtt_us / 1e6)
+
+    def connect_failed(self, f: ConnFacts, reason: str) -> None:
+        with self._lock:
+            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
+            self._merge_identity(c, f)
+            key = c.key or self._admit(self._key_of(c.facts))
+            c.key = key
+            self._credit(c, f)
+            r = self._rollup(key)
+            r.connect_failures[reason] = r.connect_failures.get(reason, 0) + 1
+
+    def _remember_closed(self, sk: int, key: RollupKey) -> None:
+        self._recently_closed[sk] = key
+        self._recently_closed.move_to_end(sk)
+        while len(self._recently_closed) > self.recently_closed_cap:
+            self._recently_closed.popitem(last=False)
+
+    def add_unowned(self, f: ConnFacts, **deltas: int) -> None:
+        """Counters that arrived without a tracked connection (overflow records, RSTs to
+        closed ports, SYN-ACK retransmits): credited to the connection just closed on the
+        same socket if there is one, else to a rollup built from the record itself."""
+        with self._lock:
+            key = self._recently_closed.get(f.sk) if f.sk else None
+            r = self._rollup(key or self._admit(self._key_of(f)))
+            for name, delta in deltas.items():
+                setattr(r, name, getattr(r, name) + delta)
+
+    def forget_missing(self, alive: set, read_ns: int) -> int:
+        """Drop connection records whose kernel entry is gone without a close event (the
+        event was lost); returns how many. `alive` holds the (sk, start_ns) pairs a map read
+        at `read_ns` (CLOCK_MONOTONIC, like bpf_ktime_get_ns) found; connections that
+        started after the read are kept."""
+        with self._lock:
+            gone = [k for k in self._conns if k not in alive and k[1] < read_ns]
+            for k in gone:
+                del self._conns[k]
+            return len(gone)
+
+    # ---- expiry and snapshots ----------------------------------------------------------
+    def expire(self) -> int:
+        with self._lock:
+            live_keys = {c.key for c in self._conns.values() if c.key is not None}
+            cutoff = self._clock() - self.ttl
+            dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and k not in live_keys]
+            for k in dead:
+                del self._rollups[k]
+            self.rollups_expired += len(dead)
+            return len(dead)
+
+    def snapshot(self) -> FlowSnapshot:
+        with self._lock:
+            active: Dict[RollupKey, int] = {}
+            for c in self._conns.values():
+                if c.key is not None:
+                    active[c.key] = active.get(c.key, 0) + 1
+            rollups = {}
+            for k, r in self._rollups.items():
+                copy = r.copy()
+                copy.active = active.get(k, 0)
+                rollups[k] = copy
+            return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups)
+
+    def __len__(self) -> int:
+        return len(self._conns)

@@ -1,0 +1,188 @@
+"""DNS golden signals: pairs the kernel's DNS query/response records by (socket, txid).
+
+l7.bpf.c `l7_events` (ML_EV_DNS records, read by agent/sources/l7/http.HttpSource's ring buffer)
+-> DnsTracker (parse with agent/sources/l7/dns_wire.py, pair, time, aggregate per series) -> DnsSnapshot
+-> exporter/prometheus/dns.py. DnsSource is the "dns" area's Source: a view over the tracker
+that the HTTP source feeds, so the one BPF object is loaded once.
+
+Bounded: at most `max_pending` queries wait for a response (older ones are expired after
+`timeout_s` or evicted, both counted as unanswered); question names per workload are capped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Hashable, List, Tuple
+
+from meshlens.agent.kernel import bpf
+from meshlens.agent.sources.l7.dns_wire import DnsMessage, parse
+from meshlens.agent.sources.histogram import Histogram
+from meshlens.agent.sources.l7.structs import DNS_QUERY, DNS_RESPONSE, MlDnsEvent
+from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
+from meshlens.agent.sources.tcp.structs import format_addr
+
+log = logging.getLogger("meshlens.dns")
+
+DNS_DURATION_BOUNDS_S: Tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+OVERFLOW_NAME = "__overflow__"
+
+
+@dataclass(frozen=True)
+class DnsSeriesKey:
+    process: str
+    cgroup_id: int
+    netns: int
+    server_address: str
+    server_port: int
+    question_type: str
+    response_code: str
+    question_name: str
+
+
+@dataclass
+class DnsStats:
+    count: int = 0
+    answers: int = 0
+    duration: Histogram = field(default_factory=lambda: Histogram(DNS_DURATION_BOUNDS_S))
+
+
+@dataclass(frozen=True)
+class DnsSnapshot:
+    series: Dict[DnsSeriesKey, DnsStats]
+    unanswered: int
+    malformed: int
+    unmatched_responses: int
+    queries: int
+
+
+@dataclass
+class _Pending:
+    ts_ns: int
+    msg: DnsMessage
+    ev_meta: Tuple[str, int, int, str, int]   # process, cgroup, netns, server addr, port
+
+
+class DnsTracker:
+    def __init__(self, max_pending: int = 4096, timeout_s: float = 10.0, max_names_per_workload: int = 100,
+                 max_series: int = 10_000, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.max_pending = max_pending
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.max_names = max_names_per_workload
+        self.max_series = max_series
+        self._clock = clock
+        self._pending: "OrderedDict[Tuple[int, int], _Pending]" = OrderedDict()
+        self._series: Dict[DnsSeriesKey, DnsStats] = {}
+        self._names: Dict[Hashable, set] = {}
+        self.unanswered = 0
+        self.malformed = 0
+        self.unmatched = 0
+        self.queries = 0
+        self.series_overflow = 0
+
+    def on_event(self, ev: MlDnsEvent) -> None:
+        msg = parse(bytes(ev.payload)[: min(ev.len, len(ev.payload))])
+        if msg is None:
+            self.malformed += 1
+            return
+        key = (ev.sk, msg.txid)
+        if ev.dir == DNS_QUERY and not msg.is_response:
+            self.queries += 1
+            meta = (ev.comm.decode("utf-8", "replace"), ev.cgroup_id, ev.netns,
+                    format_addr(ev.family, ev.server_addr), ev.server_port)
+            self._pending.pop(key, None)
+            self._pending[key] = _Pending(ev.ts_ns, msg, meta)
+            while len(self._pending) > self.max_pending:
+                self._pending.popitem(last=False)
+                self.unanswered += 1
+        elif ev.dir == DNS_RESPONSE and msg.is_response:
+            p = self._pending.pop(key, None)
+            if p is None or p.msg.qname != msg.qname or p.msg.qtype != msg.qtype:
+                self.unmatched += 1
+                return
+            self._observe(p, msg, max(0, ev.ts_ns - p.ts_ns) / 1e9)
+        else:
+            self.malformed += 1
+
+    def _name_label(self, cgroup_id: int, qname: str) -> str:
+        names = self._names.setdefault(cgroup_id, set())
+        if qname in names:
+            return qname
+        if len(names) >= self.max_names:
+            return OVERFLOW_NAME
+        names.add(qname)
+        return qname
+
+    def _observe(self, p: _Pending, resp: DnsMessage, seconds: float) -> None:
+        process, cg, netns, addr, port = p.ev_meta
+        k = DnsSeriesKey(process, cg, netns, addr, port, p.msg.qtype_name, resp.rcode_name,
+                         self._name_label(cg, p.msg.qname))
+        st = self._series.get(k)
+        if st is None:
+            if len(self._series) >= self.max_series:
+                self.series_overflow += 1
+                return
+            st = self._series[k] = DnsStats()
+        st.count += 1
+        st.answers += resp.ancount
+        st.duration.observe(seconds)
+
+    def sweep(self, now_ns: int) -> None:
+        """Expire queries older than the timeout (kernel ts and now_ns share CLOCK_MONOTONIC)."""
+        while self._pending:
+            key, p = next(iter(self._pending.items()))
+            if now_ns - p.ts_ns < self.timeout_ns:
+                break
+            self._pending.popitem(last=False)
+            self.unanswered += 1
+
+    def snapshot(self) -> DnsSnapshot:
+        series = {}
+        for k, st in self._series.items():
+            series[k] = DnsStats(st.count, st.answers, st.duration.copy())
+        return DnsSnapshot(series, self.unanswered, self.malformed, self.unmatched, self.queries)
+
+
+class DnsSource(Source):
+    """The "dns" area: a view over the DnsTracker fed by the HTTP source's BPF object."""
+
+    name = "dns"
+
+    def __init__(self, feeder: "Source") -> None:
+        self.feeder = feeder
+        self.tracker: DnsTracker = feeder.dns  # type: ignore[attr-defined]
+        self._snapshot = self.tracker.snapshot()
+
+    def start(self) -> None:
+        if getattr(self.feeder, "obj", None) is None:
+            raise RuntimeError("dns: the http source (which loads l7.bpf.o) must start first")
+
+    def ring_buffers(self) -> List[bpf.RingBuffer]:
+        return []
+
+    def sweep(self, now_ns: int) -> None:
+        self._snapshot = self.tracker.snapshot()
+
+    def snapshot(self) -> DnsSnapshot:
+        return self._snapshot
+
+    def health(self) -> SourceHealth:
+        t = self.tracker
+        k = self.feeder.kernel_counters() if hasattr(self.feeder, "kernel_counters") else {}
+        return SourceHealth(
+            events_read={"dns": t.queries},
+            events_lost={"unanswered": t.unanswered, "malformed": t.malformed,
+                         "unmatched_response": t.unmatched, "series_overflow": t.series_overflow},
+            map_entries={},
+            map_capacity={},
+            kernel_counters={"dns_events": k.get("dns_events", 0), "dns_truncated": k.get("dns_truncated", 0)},
+        )
+
+    def attach_report(self) -> List[AttachChoice]:
+        return [c for c in self.feeder.attach_report() if c.signal.startswith("dns")]
+
+    def stop(self) -> None:
+        pass

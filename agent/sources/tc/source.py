@@ -1,0 +1,308 @@
+"""tc source: per-pod traffic seen at each pod's host-side veth (bpf/tc.bpf.c).
+
+link notifications (agent/sources/tc/link_watch.py) -> attach ingress/egress programs (agent/sources/tc/attach.py)
+-> kernel maps `ifstats`, `rtt`, `drops`, `counters` -> sweep (this module) -> TcSnapshot ->
+exporter/prometheus/tc.py. The snapshot maps every interface to its name and its peer's network
+namespace inode, which the identity layer turns into a pod.
+
+Drops come from the optional skb:kfree_skb tracepoint program (see bpf/tc.bpf.c); without it
+the source still counts traffic and the attach report says drops are unavailable.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.attach import Signal, Variant, load_with_fallback
+from meshlens.agent.kernel.drop_reasons import reason_name
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.kernel.libbpf import num_possible_cpus
+from meshlens.agent.sources.tc.link_watch import LinkInfo, LinkWatcher, NetnsResolver
+from meshlens.agent.sources.base import AttachChoice, ObjectSource, SourceHealth
+from meshlens.agent.sources.tc.attach import TcAttacher, remove_stale_filters
+from meshlens.agent.sources.tc.structs import (
+    COUNTER_NAMES,
+    DIRECTION_NAMES,
+    PARSE_FAILURE_REASONS,
+    ROLE_NAMES,
+    SIDE_HOST,
+    SIDE_NAMES,
+    SIDE_POD,
+    TcDev,
+    TcDevKey,
+    TcDropKey,
+    TcIfKey,
+    TcIfStats,
+    TcRttHist,
+    TcRttKey,
+    TcSyn,
+    format_addr,
+    percpu_values,
+    sum_structs,
+)
+
+log = logging.getLogger("meshlens.tc")
+
+SIGNALS = (
+    Signal("tc_drops", (Variant("tracepoint", "tracepoint", ("handle_tc_kfree_skb",), ("skb/kfree_skb",)),),
+           required=False),
+)
+PROGRAMS = {"ingress": "meshlens_tc_in", "egress": "meshlens_tc_eg"}
+STAT_FIELDS = ("packets", "bytes", "segs", "tcp_syn", "tcp_synack", "tcp_fin", "tcp_rst", "parse_failures")
+
+
+@dataclass(frozen=True)
+class TcConfig:
+    ifstats_max_entries: int = 8192
+    syns_max_entries: int = 16384
+    rtt_max_entries: int = 4096
+    drops_max_entries: int = 4096
+    tracked_max_entries: int = 8192
+    syn_timeout_s: float = 10.0          # unanswered SYNs leave the `syns` map after this
+    main_interface: Optional[str] = None  # also watch the node's main interface (by name)
+    forget_after_s: float = 0.0           # keep a removed interface's last numbers this long
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    ifindex: int
+    name: str
+    kind: str            # pod_veth | main
+    peer_ifindex: int
+    peer_netns: int      # inode of the pod's network namespace (0: unknown)
+    attached: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class IfCounters:
+    packets: int = 0
+    bytes: int = 0
+    segs: int = 0
+    tcp_syn: int = 0
+    tcp_synack: int = 0
+    tcp_fin: int = 0
+    tcp_rst: int = 0
+    parse_failures: int = 0
+
+
+@dataclass(frozen=True)
+class RttSeries:
+    slots: Tuple[int, ...]   # log2 µs slots (see tc_structs.rtt_bucket_bounds)
+    count: int
+    sum_s: float
+
+
+@dataclass(frozen=True)
+class TcSnapshot:
+    interfaces: Dict[int, InterfaceInfo]
+    counters: Dict[Tuple[int, str], IfCounters]       # (ifindex, direction)
+    rtt: Dict[Tuple[int, str, str], RttSeries]        # (ifindex, role, peer address)
+    drops: Dict[Tuple[int, str, str], int]            # (ifindex, side, reason)
+    parse_failures: Dict[str, int]                    # reason -> count (all interfaces)
+    syns_expired: int = 0
+
+
+class TcSource(ObjectSource):
+    name = "tc"
+
+    def __init__(self, config: TcConfig = TcConfig(), features: Optional[KernelFeatures] = None,
+                 watch: bool = True) -> None:
+        self.config = config
+        self.features = features or KernelFeatures.probe()
+        self.watch = watch
+        self.obj: Optional[bpf.BpfObject] = None
+        self.attacher: Optional[TcAttacher] = None
+        self.watcher: Optional[LinkWatcher] = None
+        self.resolver = NetnsResolver()
+        self._choices: List[AttachChoice] = []
+        self._lock = threading.Lock()
+        self._interfaces: Dict[int, InterfaceInfo] = {}
+        self._removed: Dict[int, float] = {}   # ifindex -> monotonic time it went away
+        self._snap = TcSnapshot({}, {}, {}, {}, {})
+        self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
+        self._entries: Dict[str, int] = {}
+        self.attach_errors = 0
+        self.syns_expired = 0
+        self.stale_filters_removed = 0
+        self._own_netns = os.stat("/proc/self/ns/net").st_ino
+        self._ncpu = num_possible_cpus()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def _configure(self, obj: bpf.BpfObject) -> None:
+        c = self.config
+        for name, n in (("ifstats", c.ifstats_max_entries), ("syns", c.syns_max_entries), ("rtt", c.rtt_max_entries),
+                        ("drops", c.drops_max_entries), ("tracked", c.tracked_max_entries)):
+            obj.map(name).max_entries = n
+
+    def start(self) -> None:
+        self.obj, self._choices = load_with_fallback(bpf.object_path("tc"), SIGNALS, self.features, self._configure)
+        fds = {d: self.obj.program(p).fd for d, p in PROGRAMS.items()}
+        self.attacher = TcAttacher(fds)
+        # a crashed agent's filters (their program held by no live process) go before ours attach
+        self.stale_filters_removed += len(remove_stale_filters())
+        self._choices.append(AttachChoice("tc_traffic", "clsact", list(PROGRAMS.values())))
+        if self.watch:
+            self.watcher = LinkWatcher(self.link_up, self.link_gone, self.config.main_interface)
+            self.watcher.start()
+            self.watcher.ready.wait(10)
+        for ch in self._choices:
+            log.info("tc: %s via %s (%s)", ch.signal, ch.chosen, ", ".join(ch.programs))
+
+    def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+            self.watcher = None
+        if self.attacher:
+            self.attacher.detach_all()
+            self.attacher = None
+        super().stop()
+
+    # ---- links (called from the watcher thread) ------------------------------------------
+    def link_up(self, link: LinkInfo) -> None:
+        """Attach to a new link, then learn who is behind it and register it for drops."""
+        if not self.attacher or not self.obj:
+            return
+        error = ""
+        try:
+            self.attacher.attach(link.ifindex, link.name)
+        except Exception as exc:  # noqa: BLE001 - counted and reported per interface
+            self.attach_errors += 1
+            error = str(exc)
+            log.warning("tc: cannot attach to %s: %s", link.name, exc)
+        peer_netns = self.resolver.resolve(link.peer_netnsid) if link.peer_netnsid >= 0 else 0
+        self._track(TcDevKey(self._own_netns, link.ifindex), TcDev(link.ifindex, SIDE_HOST))
+        if peer_netns and link.peer_ifindex:
+            self._track(TcDevKey(peer_netns, link.peer_ifindex), TcDev(link.ifindex, SIDE_POD))
+        info = InterfaceInfo(link.ifindex, link.name, link.kind, link.peer_ifindex, peer_netns, not error, error)
+        with self._lock:
+            self._interfaces[link.ifindex] = info
+            self._removed.pop(link.ifindex, None)
+        log.info("tc: %s %s (ifindex %d, peer netns %d)", "attached to" if not error else "tracking",
+                 link.name, link.ifindex, peer_netns)
+
+    def link_gone(self, ifindex: int) -> None:
+        if self.attacher:
+            self.attacher.forget(ifindex)
+        with self._lock:
+            info = self._interfaces.get(ifindex)
+            if info is None:
+                return
+            self._removed[ifindex] = time.monotonic()
+        self._untrack(ifindex)
+
+    def _track(self, key: TcDevKey, dev: TcDev) -> None:
+        try:
+            self.obj.map("tracked").update_raw(bytes(key), bytes(dev))
+        except bpf.BpfError as exc:
+            log.warning("tc: tracked map: %s", exc)
+
+    def _untrack(self, ifindex: int) -> None:
+        if not self.obj:
+            return
+        m = self.obj.map("tracked")
+        for k, v in m.items_raw():
+            if TcDev.from_buffer_copy(v).host_ifindex == ifindex:
+                m.delete_raw(k)
+
+    # ---- sweeps --------------------------------------------------------------------------
+    def sweep(self, now_ns: int) -> None:
+        if not self.obj:
+            return
+        now = time.monotonic()
+        with self._lock:
+            gone = {i for i, t in self._removed.items() if now - t >= self.config.forget_after_s}
+        counters: Dict[Tuple[int, str], IfCounters] = {}
+        ifstats = self.obj.map("ifstats")
+        for k, v in ifstats.items_raw():
+            key = TcIfKey.from_buffer_copy(k)
+            if key.ifindex in gone:
+                ifstats.delete_raw(k)
+                continue
+            s = sum_structs(percpu_values(v, TcIfStats, self._ncpu), TcIfStats)
+            counters[(key.ifindex, DIRECTION_NAMES.get(key.direction, "unknown"))] = IfCounters(
+                **{f: getattr(s, f) for f in STAT_FIELDS})
+        rtt: Dict[Tuple[int, str, str], RttSeries] = {}
+        rtt_map = self.obj.map("rtt")
+        for k, v in rtt_map.items_raw():
+            key = TcRttKey.from_buffer_copy(k)
+            if key.ifindex in gone:
+                rtt_map.delete_raw(k)
+                continue
+            h = sum_structs(percpu_values(v, TcRttHist, self._ncpu), TcRttHist)
+            rtt[(key.ifindex, ROLE_NAMES.get(key.role, "unknown"), format_addr(key.family, key.peer))] = RttSeries(
+                tuple(h.slots), h.count, h.sum_ns / 1e9)
+        drops: Dict[Tuple[int, str, str], int] = {}
+        drops_map = self.obj.map("drops")
+        for k, v in drops_map.items_raw():
+            key = TcDropKey.from_buffer_copy(k)
+            if key.ifindex in gone:
+                drops_map.delete_raw(k)
+                continue
+            n = sum((ctypes.c_uint64 * self._ncpu).from_buffer_copy(v[: 8 * self._ncpu]))
+            dk = (key.ifindex, SIDE_NAMES.get(key.side, "unknown"), reason_name(key.reason))
+            drops[dk] = drops.get(dk, 0) + n
+        self._expire_syns(now_ns)
+        sums = self.obj.map("counters").percpu_u64_sums()
+        kernel = {n: sums[i] for i, n in enumerate(COUNTER_NAMES)}
+        with self._lock:
+            for i in gone:
+                self._interfaces.pop(i, None)
+                self._removed.pop(i, None)
+            interfaces = dict(self._interfaces)
+            self._kernel = kernel
+            self._entries = {"tc_ifstats": len(counters), "tc_rtt": len(rtt), "tc_drops": len(drops),
+                             "tc_syns": self._entries.get("tc_syns", 0)}
+            self._snap = TcSnapshot(
+                interfaces=interfaces,
+                counters=counters,
+                rtt=rtt,
+                drops=drops,
+                parse_failures={r: kernel.get(r, 0) for r in PARSE_FAILURE_REASONS},
+                syns_expired=self.syns_expired,
+            )
+
+    def _expire_syns(self, now_ns: int) -> None:
+        """Delete SYNs never answered within syn_timeout_s (the map is not an LRU)."""
+        syns = self.obj.map("syns")
+        limit = int(self.config.syn_timeout_s * 1e9)
+        mono_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+        items = syns.items_raw()
+        for k, v in items:
+            if mono_ns - TcSyn.from_buffer_copy(v).ts_ns > limit and syns.delete_raw(k):
+                self.syns_expired += 1
+        self._entries["tc_syns"] = len(items)
+
+    # ---- views ---------------------------------------------------------------------------
+    def snapshot(self) -> TcSnapshot:
+        with self._lock:
+            return self._snap
+
+    def interfaces(self) -> Dict[int, InterfaceInfo]:
+        with self._lock:
+            return dict(self._interfaces)
+
+    def health(self) -> SourceHealth:
+        with self._lock:
+            k = dict(self._kernel)
+            entries = dict(self._entries)
+        c = self.config
+        k.update(attach_errors=self.attach_errors, syns_expired=self.syns_expired,
+                 stale_filters_removed=self.stale_filters_removed,
+                 link_callback_errors=self.watcher.callback_errors if self.watcher else 0)
+        return SourceHealth(
+            events_read={},
+            events_lost={"ifstats_full": k.get("ifstats_full", 0), "syns_full": k.get("syns_full", 0),
+                         "rtt_full": k.get("rtt_full", 0), "drops_full": k.get("drops_full", 0)},
+            map_entries=entries,
+            map_capacity={"tc_ifstats": c.ifstats_max_entries, "tc_syns": c.syns_max_entries,
+                          "tc_rtt": c.rtt_max_entries, "tc_drops": c.drops_max_entries},
+            kernel_counters=k,
+            callback_errors=self.watcher.callback_errors if self.watcher else 0,
+        )
