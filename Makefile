@@ -23,15 +23,19 @@ APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light 
 METRICS_ADDR ?= 127.0.0.1:9433
 PYTEST_ARGS  ?=
 
-.PHONY: all run test unit integration bench deps mounts bpf vmlinux clean
+.PHONY: all run test unit integration lint-imports bench deps mounts bpf vmlinux clean
 
 all: deps bpf mounts
 
 run: all
 	$(VENV)/bin/meshlens run --metrics-addr $(METRICS_ADDR)
 
-test: all
+test: all lint-imports
 	$(PY) -m pytest -p no:cacheprovider tests $(PYTEST_ARGS)
+
+# The one direction of imports (.importlinter, docs/architecture.md); fails on a broken contract.
+lint-imports: deps
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: deps bpf
 	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
