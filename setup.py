@@ -31,7 +31,8 @@ setup(
     python_requires=">=3.9",
     packages=[
         "meshlens.agent", "meshlens.agent.kernel", "meshlens.agent.sources", "meshlens.agent.sources.tcp",
-        "meshlens.agent.sources.l7", "meshlens.agent.sources.tc", "meshlens.agent.identity",
+        "meshlens.agent.sources.l7", "meshlens.agent.sources.tc", "meshlens.agent.sources.saturation",
+        "meshlens.agent.identity",
         "meshlens.agent.aggregate", "meshlens.exporter", "meshlens.exporter.prometheus",
     ],
     package_dir={"meshlens.agent": "agent", "meshlens.exporter": "exporter"},

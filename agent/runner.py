@@ -25,6 +25,8 @@ from meshlens.agent.sources.base import Source
 from meshlens.agent.sources.tcp.source import TcpConfig, TcpSource
 from meshlens.agent.sources.tc.source import TcConfig, TcSource
 from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
+from meshlens.agent.sources.saturation.source import SatConfig, SaturationSource
+from meshlens.agent.aggregate.saturation import summarize
 
 log = logging.getLogger("meshlens.runner")
 
@@ -35,12 +37,12 @@ class AgentConfig:
     poll_timeout_ms: int = 100
     tcp: TcpConfig = TcpConfig()
     http: HttpConfig = HttpConfig()
-    features: Tuple[str, ...] = ("l4", "l7", "tc")  # which capture layers run (l4 always)
+    features: Tuple[str, ...] = ("l4", "l7", "tc", "sat")  # which capture layers run (l4 always)
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
 
 
-FEATURES = ("l4", "l7", "tc")
+FEATURES = ("l4", "l7", "tc", "sat")
 
 
 def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
@@ -52,6 +54,8 @@ def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Sourc
         sources += l7_sources(config.http, features)
     if "tc" in config.features:
         sources.append(TcSource(TcConfig(), features))
+    if "sat" in config.features:
+        sources.append(SaturationSource(SatConfig(), features))
     return sources
 
 
@@ -146,8 +150,9 @@ class Agent:
     def snapshot(self) -> AgentSnapshot:
         cpu = self._proc.cpu_times()
         with self._lock:
+            areas = {s.name: s.snapshot() for s in self._started}
             return AgentSnapshot(
-                areas={s.name: s.snapshot() for s in self._started},
+                areas=areas,
                 health={s.name: s.health() for s in self._started},
                 attach={s.name: s.attach_report() for s in self._started},
                 process=ProcessStats(cpu.user, cpu.system, self._proc.memory_info().rss),
@@ -156,6 +161,7 @@ class Agent:
                 identity=self.identity,
                 service_map=self.service_map,
                 watch=self._watch_status(),
+                saturation=summarize(areas.get("sat"), self.identity),
             )
 
     def __enter__(self) -> "Agent":

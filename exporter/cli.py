@@ -35,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
-    run.add_argument("--features", default="l4,l7,tc",
+    run.add_argument("--features", default="l4,l7,tc,sat",
                      help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS from syscalls), "
-                          "tc (per-pod interface counters); default %(default)s")
+                          "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "
+                          "conntrack); default %(default)s")
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)

@@ -27,3 +27,4 @@ class AgentSnapshot:
     identity: IdentityView = field(default_factory=StandaloneIdentity)
     service_map: Optional[object] = None     # agent.service_map.ServiceMap
     watch: Dict[str, object] = field(default_factory=dict)  # resource -> k8s_watch.WatchStatus
+    saturation: Dict[object, object] = field(default_factory=dict)  # Workload -> aggregate.saturation.WorkloadSaturation

@@ -13,6 +13,7 @@ from meshlens.agent.aggregate.snapshot import AgentSnapshot
 from meshlens.exporter.prometheus.agent import agent_families
 from meshlens.exporter.prometheus.dns import dns_families
 from meshlens.exporter.prometheus.http import http_families
+from meshlens.exporter.prometheus.saturation import saturation_families
 from meshlens.exporter.prometheus.service_map import edge_families
 from meshlens.exporter.prometheus.tcp import tcp_families
 from meshlens.exporter.prometheus.tc import tc_families
@@ -21,7 +22,8 @@ log = logging.getLogger("meshlens.exporter")
 
 Builder = Callable[[AgentSnapshot], Iterable[object]]
 
-BUILDERS: List[Builder] = [tcp_families, http_families, dns_families, edge_families, tc_families, agent_families]
+BUILDERS: List[Builder] = [tcp_families, http_families, dns_families, edge_families, tc_families,
+                           saturation_families, agent_families]
 
 
 class MeshlensCollector(Collector):

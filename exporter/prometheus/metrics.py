@@ -23,6 +23,8 @@ EDGE_LABELS: Tuple[str, ...] = (
     "peer_k8s_namespace_name", "peer_k8s_owner_kind", "peer_k8s_owner_name",
 )
 POD_IF_LABELS: Tuple[str, ...] = ("interface", "netns") + LOCAL_LABELS
+NETNS_LABELS: Tuple[str, ...] = ("netns",) + LOCAL_LABELS
+PEER_EVENT_LABELS: Tuple[str, ...] = ("netns", "network_peer_address") + LOCAL_LABELS + PEER_LABELS
 TCP_LABELS: Tuple[str, ...] = (
     ("direction", "process", "cgroup", "netns", "network_peer_address", "server_port") + LOCAL_LABELS + PEER_LABELS
 )
@@ -80,6 +82,19 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_pod_interface_drops", "counter", "Packets dropped by the kernel on a watched device (skb:kfree_skb), by side (host veth or pod eth0) and kernel drop reason.", POD_IF_LABELS + ("side", "reason")),
         _d("meshlens_pod_interface_handshake_rtt_seconds", "histogram", "Time from a SYN to its SYN-ACK passing the pod's veth, per peer; role client: the pod sent the SYN.", POD_IF_LABELS + ("role", "network_peer_address") + PEER_LABELS),
         _d("meshlens_tc_parse_failures", "counter", "Frames tc could not parse, by reason (short_*: cut off; bad_*: invalid header; *_too_deep: over the walk limit).", ("reason",)),
+        # ---- saturation (bpf/saturation.bpf.c; netns = the pod's network namespace inode) ----
+        _d("meshlens_net_drops", "counter", "Packets the kernel dropped (skb:kfree_skb), per network namespace, L3 protocol and kernel drop reason; every drop, where meshlens_pod_interface_drops_total counts only those on a watched pod veth.", NETNS_LABELS + ("protocol", "reason")),
+        _d("meshlens_tcp_listen_overflows", "counter", "Connections a listening socket dropped because its accept queue was full (the listener's drop counter; ListenOverflows/ListenDrops).", NETNS_LABELS + ("listen_address", "server_port")),
+        _d("meshlens_tcp_accept_queue_length", "gauge", "Connections waiting in a listener's accept queue at the last sweep (sk_ack_backlog).", NETNS_LABELS + ("listen_address", "server_port")),
+        _d("meshlens_tcp_accept_queue_limit", "gauge", "Accept-queue limit of a listener (sk_max_ack_backlog: the listen() backlog capped by somaxconn).", NETNS_LABELS + ("listen_address", "server_port")),
+        _d("meshlens_tcp_zero_window_connections", "gauge", "Connections at zero window at the last sweep; side local: this pod's receiver is full, peer: the peer's is.", PEER_EVENT_LABELS + ("side",)),
+        _d("meshlens_socket_buffer_events", "counter", "Socket buffer pressure, per pod and peer: rcvbuf_drop (dropped for lack of room, by reason), rcvqueue_full (sock_rcvqueue_full), exceed_buf_limit (send or receive).", PEER_EVENT_LABELS + ("event", "reason")),
+        _d("meshlens_socket_errors", "counter", "Errors reported on sockets (sock:inet_sk_error_report), by errno name, per pod and peer.", PEER_EVENT_LABELS + ("error",)),
+        _d("meshlens_tcp_connect_port_exhausted", "counter", "TCP connects that failed for lack of a free local port (EADDRNOTAVAIL), per pod and peer.", PEER_EVENT_LABELS),
+        _d("meshlens_net_ephemeral_ports_in_use", "gauge", "Distinct local ports inside ip_local_port_range held by a socket, per network namespace.", ("netns",)),
+        _d("meshlens_net_ephemeral_ports_limit", "gauge", "Ports in the namespace's ip_local_port_range.", ("netns",)),
+        _d("meshlens_net_conntrack_entries", "gauge", "Connection-tracking entries in the namespace (nf_conntrack_count).", ("netns",)),
+        _d("meshlens_net_conntrack_limit_entries", "gauge", "Connection-tracking table limit (nf_conntrack_max).", ("netns",)),
         # ---- the agent itself ----
         _d("meshlens_agent_events_read", "counter", "Ring-buffer records read by the agent.", ("source", "type")),
         _d("meshlens_agent_events_lost", "counter",
