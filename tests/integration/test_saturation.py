@@ -11,8 +11,11 @@ real in test pods and compared with the kernel's own account of it in that names
   reader that stops reading: receive-buffer drops per peer equal Udp RcvbufErrors;
 - ip_local_port_range narrowed to 4 ports and 9 connects: exhaustion counted exactly as the
   connects that failed with EADDRNOTAVAIL, ports in use 4 of 4;
-- connects to a closed port and to a blackholed one: errors by errno exactly as connect()
-  returned them.
+- connects to a closed port, a blackholed one and a rejected one (ICMP host unreachable):
+  errors by errno exactly as connect() returned them;
+- a ping socket that never reads its echo replies: sock:sock_rcvqueue_full per peer equals its
+  drops column in /proc/net/icmp (on 6.18 UDP and raw sockets drop before that tracepoint
+  fires, measured; UDP's drops are the rcvbuf_drop events above).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.integration.agent_proc import AgentProcess
-from tests.integration.pods import Node, Pod
+from tests.integration.pods import Node, Pod, read_thread_net
 
 LISTEN_NO_ACCEPT = r"""
 import socket, sys
@@ -60,6 +63,17 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
+sys.stdin.read()
+"""
+
+PING_STALLED = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+for seq in range(int(sys.argv[2])):  # echo requests; the replies queue up unread
+    s.sendto(struct.pack("!BBHHH", 8, 0, 0, 0, seq) + b"p" * 1009, (sys.argv[1], 0))
+time.sleep(0.5)
+print("sent", flush=True)
 sys.stdin.read()
 """
 
@@ -249,6 +263,24 @@ def test_stalled_reader_zero_window_and_rcvbuf_drops(node: Node, agent: AgentPro
     print(f"udp receive buffer full: meshlens {got:.0f}, kernel Udp RcvbufErrors +{kernel} (sent 211)")
     assert kernel > 0 and got == kernel
 
+    # a ping socket's queue (sock_queue_rcv_skb): sock:sock_rcvqueue_full, as its drops column counts
+    server.run(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 0"])
+    pinger = py(server, PING_STALLED, client.ipv4, 223)
+    assert ready(pinger) == "sent"
+    ping_drops = _ping_socket_drops(server)
+    got, _ = wait_equal(lambda: agent.total("meshlens_socket_buffer_events_total", netns=s_ns,
+                                            network_peer_address=client.ipv4, event="rcvqueue_full"),
+                        lambda: ping_drops)
+    print(f"ping socket receive queue full: meshlens {got:.0f}, /proc/net/icmp drops {ping_drops} (223 echo replies)")
+    assert ping_drops > 0 and got == ping_drops
+
+
+def _ping_socket_drops(pod: Pod) -> int:
+    """The drops column of the pod's one ping socket in /proc/net/icmp."""
+    lines = pod.in_netns(read_thread_net, "icmp").splitlines()[1:]
+    assert len(lines) == 1, lines
+    return int(lines[0].split()[-1])
+
 
 def test_ephemeral_port_exhaustion_counted_exactly(node: Node, agent: AgentProcess) -> None:
     server, client = node.add_pod("ports-server"), node.add_pod("ports-client")
@@ -274,19 +306,25 @@ def test_ephemeral_port_exhaustion_counted_exactly(node: Node, agent: AgentProce
 
 def test_socket_errors_by_errno_counted_exactly(node: Node, agent: AgentProcess) -> None:
     server, client = node.add_pod("err-server"), node.add_pod("err-client")
-    closed, blackholed = 7381, 7382
+    closed, blackholed, unreachable = 7381, 7382, 7383
     server.run(["iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", str(blackholed), "-j", "DROP"])
+    server.run(["iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", str(unreachable), "-j", "REJECT",
+                "--reject-with", "icmp-host-unreachable"])
     client.run(["sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1"])  # time out after ~3 s, not ~2 min
     refused = json.loads(client.run([sys.executable, "-c", PARALLEL_CONNECTS, server.ipv4, str(closed), "7"]).stdout)
     timed_out = json.loads(client.run([sys.executable, "-c", PARALLEL_CONNECTS, server.ipv4, str(blackholed),
                                        "3"]).stdout)
+    no_route = json.loads(client.run([sys.executable, "-c", PARALLEL_CONNECTS, server.ipv4, str(unreachable),
+                                      "5"]).stdout)
     ns = str(client.netns_inode)
 
     def errors(name: str) -> float:
         return agent.total("meshlens_socket_errors_total", netns=ns, network_peer_address=server.ipv4, error=name)
     got_refused, _ = wait_equal(lambda: errors("ECONNREFUSED"), lambda: refused.get("ECONNREFUSED", 0))
     got_timeout, _ = wait_equal(lambda: errors("ETIMEDOUT"), lambda: timed_out.get("ETIMEDOUT", 0))
+    got_unreach, _ = wait_equal(lambda: errors("EHOSTUNREACH"), lambda: no_route.get("EHOSTUNREACH", 0))
     print(f"\nsocket errors: ECONNREFUSED meshlens {got_refused:.0f} / connect() {refused}; "
-          f"ETIMEDOUT meshlens {got_timeout:.0f} / connect() {timed_out}")
-    assert refused == {"ECONNREFUSED": 7} and timed_out == {"ETIMEDOUT": 3}
-    assert (got_refused, got_timeout) == (7, 3)
+          f"ETIMEDOUT meshlens {got_timeout:.0f} / connect() {timed_out}; "
+          f"EHOSTUNREACH meshlens {got_unreach:.0f} / connect() {no_route}")
+    assert refused == {"ECONNREFUSED": 7} and timed_out == {"ETIMEDOUT": 3} and no_route == {"EHOSTUNREACH": 5}
+    assert (got_refused, got_timeout, got_unreach) == (7, 3, 5)
