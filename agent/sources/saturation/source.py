@@ -114,7 +114,7 @@ class SatSnapshot:
 
 
 @dataclass
-class _NetnsView:
+class NetnsView:
     records: bytes
     port_range: Tuple[int, ...]
     conntrack: Tuple[Tuple[int, ...], Tuple[int, ...]]
@@ -130,7 +130,7 @@ def _detail(kind: int, detail: int) -> str:
     return ""
 
 
-def fold_records(views: Dict[int, _NetnsView]) -> Tuple[Dict, Dict, Dict, Dict]:
+def fold_records(views: Dict[int, NetnsView]) -> Tuple[Dict, Dict, Dict, Dict]:
     """Iterator records and sysctls of every namespace -> listeners, zero window, ports, conntrack."""
     listeners: Dict[Tuple[int, str, int], Listener] = {}
     zero: Dict[Tuple[int, int, str, str], int] = {}
@@ -203,7 +203,7 @@ class SaturationSource(ObjectSource):
         super().stop()
 
     # ---- sweeps --------------------------------------------------------------------------
-    def _visit(self, _netns: int) -> _NetnsView:
+    def _visit(self, _netns: int) -> NetnsView:
         """Runs in the visitor thread, inside the namespace."""
         records = b""
         if self._iter is not None:
@@ -211,7 +211,7 @@ class SaturationSource(ObjectSource):
                 records = read_iter(self._iter)
             except bpf.BpfError:
                 self.iter_errors += 1
-        return _NetnsView(records, read_sysctl_ints(IPPORT_SYSCTL),
+        return NetnsView(records, read_sysctl_ints(IPPORT_SYSCTL),
                           (read_sysctl_ints(CT_COUNT_SYSCTL), read_sysctl_ints(CT_MAX_SYSCTL)))
 
     def _percpu_sum(self, raw: bytes) -> int:
@@ -231,7 +231,7 @@ class SaturationSource(ObjectSource):
             ek = (key.netns, key.cgroup_id, format_addr(key.family, key.peer), KIND_NAMES.get(key.kind, "unknown"),
                   _detail(key.kind, key.detail))
             events[ek] = events.get(ek, 0) + self._percpu_sum(v)
-        views: Dict[int, _NetnsView] = {}
+        views: Dict[int, NetnsView] = {}
         if self._visitor is not None:
             try:
                 views = self._visitor.visit_all(self._visit, self.config.visit_timeout_s)
