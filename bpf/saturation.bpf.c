@@ -20,7 +20,7 @@
  *  - iter/tcp, run by the agent in each network namespace at each sweep: one record per
  *    listening socket (accept queue depth and limit, the listener's drop counter), one per
  *    connection at zero window, and a last record with the namespace's count of sockets
- *    on a port inside ip_local_port_range.
+ *    on a port inside ip_local_port_range (which the agent writes into `iter_cfg` first).
  *
  * Maps are plain hashes: when one is full the update fails and the failure is counted.
  */
@@ -54,6 +54,15 @@ struct {
 	__type(value, __u64);
 } sock_events SEC(".maps");
 
+/* ip_local_port_range of the namespace being iterated, written by the agent before each
+ * iteration (read from the sysctl in that namespace: no kernel struct layout involved). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ml_sat_iter_cfg);
+} iter_cfg SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ML_SAT_CNT_MAX);
@@ -64,8 +73,6 @@ struct {
 /* Per-iteration totals of the iterator (one iteration at a time: the agent's sweep thread). */
 __u32 it_ephemeral = 0;
 __u32 it_seen = 0;
-__u32 it_range = 0;
-__u32 it_netns = 0;
 __u32 it_ports = 0;
 __u32 it_gen = 0;
 /* Iteration stamp per local port: a port counts once per iteration without clearing a bitmap. */
@@ -163,13 +170,16 @@ SEC("tp/skb/kfree_skb")
 int handle_sat_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
 {
 	struct sk_buff *skb = ctx->skbaddr;
-	struct sock *rx = ctx->rx_sk;
-	struct sock *sk = rx;
+	struct sock *rx = NULL;
+	struct sock *sk;
 	struct ml_sat_drop_key key = {};
 	struct net_device *dev;
 	__u32 reason = ctx->reason;
 
 	sat_count(ML_SAT_CNT_DROPS_SEEN);
+	if (bpf_core_field_exists(ctx->rx_sk)) /* older kernels trace no rx_sk */
+		rx = ctx->rx_sk;
+	sk = rx;
 	if (!sk)
 		sk = BPF_CORE_READ(skb, sk);
 	if (sk) {
@@ -280,24 +290,19 @@ static __always_inline void emit(struct seq_file *seq, struct ml_sat_iter_rec *r
 		sat_count(ML_SAT_CNT_ITER_WRITE_FAILED);
 }
 
-static __always_inline void local_addr(struct sock_common *skc, __u16 family, struct ml_sat_iter_rec *r)
+/* The iterator's socket is a trusted kernel pointer: fields are read directly (no helper
+ * call per field), which matters because the walk visits every socket, time-wait included. */
+static __always_inline void copy_addr(struct sock_common *skc, int peer, struct ml_sat_iter_rec *r)
 {
-	if (family == AF_INET) {
-		bpf_probe_read_kernel(r->addr, 4, &skc->skc_rcv_saddr);
-		r->family = 4;
-	} else {
-		bpf_probe_read_kernel(r->addr, 16, &skc->skc_v6_rcv_saddr);
-		r->family = 6;
-	}
-}
+	if (skc->skc_family == AF_INET) {
+		__u32 a = peer ? skc->skc_daddr : skc->skc_rcv_saddr;
 
-static __always_inline void peer_addr(struct sock_common *skc, __u16 family, struct ml_sat_iter_rec *r)
-{
-	if (family == AF_INET) {
-		bpf_probe_read_kernel(r->addr, 4, &skc->skc_daddr);
+		__builtin_memcpy(r->addr, &a, 4);
 		r->family = 4;
 	} else {
-		bpf_probe_read_kernel(r->addr, 16, &skc->skc_v6_daddr);
+		struct in6_addr a = peer ? skc->skc_v6_daddr : skc->skc_v6_rcv_saddr;
+
+		__builtin_memcpy(r->addr, &a, 16);
 		r->family = 6;
 	}
 }
@@ -305,15 +310,21 @@ static __always_inline void peer_addr(struct sock_common *skc, __u16 family, str
 /* sk_drops_read(): the plain counter plus the NUMA counters where a protocol has them. */
 static __always_inline __u64 listener_drops(struct sock *sk)
 {
-	__u64 n = (__u32)BPF_CORE_READ(sk, sk_drops.counter);
+	__u64 n = (__u32)sk->sk_drops.counter;
 
 	if (bpf_core_field_exists(sk->sk_drop_counters)) {
-		struct numa_drop_counters *c = BPF_CORE_READ(sk, sk_drop_counters);
+		struct numa_drop_counters *c = sk->sk_drop_counters;
 
 		if (c)
-			n += (__u32)BPF_CORE_READ(c, drops0.counter) + (__u32)BPF_CORE_READ(c, drops1.counter);
+			n += (__u32)c->drops0.counter + (__u32)c->drops1.counter;
 	}
 	return n;
+}
+
+static __always_inline void fill_owner(struct sock *sk, struct ml_sat_iter_rec *r)
+{
+	r->netns = sk->__sk_common.skc_net.net->ns.inum;
+	r->cgroup_id = sk->sk_cgrp_data.cgroup->kn->id;
 }
 
 SEC("iter/tcp")
@@ -322,78 +333,71 @@ int sat_iter_tcp(struct bpf_iter__tcp *ctx)
 	struct seq_file *seq = ctx->meta->seq;
 	struct sock_common *skc = ctx->sk_common;
 	struct ml_sat_iter_rec r = {};
+	struct ml_sat_iter_cfg *cfg;
+	struct tcp_sock *tp;
 	struct sock *sk;
-	__u16 family, port;
-	__u32 range, low, high;
+	__u32 zero = 0, flags = 0;
+	__u16 port;
 	__u8 state;
 
 	if (ctx->meta->seq_num == 0) {
 		it_ephemeral = 0;
 		it_seen = 0;
-		it_range = 0;
-		it_netns = 0;
 		it_ports = 0;
 		it_gen += 1;
 	}
 	if (!skc) { /* called once more after the last socket */
 		r.kind = ML_SAT_REC_SUMMARY;
-		r.netns = it_netns;
 		r.a = it_ephemeral;
 		r.b = it_seen;
-		r.c = it_range;
 		r.probes = it_ports;
 		emit(seq, &r);
 		return 0;
 	}
 	sat_count(ML_SAT_CNT_ITER_SOCKETS);
 	it_seen += 1;
-	sk = (struct sock *)skc;
-	state = BPF_CORE_READ(skc, skc_state);
-	family = BPF_CORE_READ(skc, skc_family);
-	port = BPF_CORE_READ(skc, skc_num);
-	r.netns = BPF_CORE_READ(skc, skc_net.net, ns.inum);
-	it_netns = r.netns;
+	state = skc->skc_state;
+	if (state == TCP_NEW_SYN_RECV)
+		return 0; /* a request socket holds the listener's port, not an ephemeral one */
+	port = skc->skc_num;
+	if (state != TCP_LISTEN) {
+		cfg = bpf_map_lookup_elem(&iter_cfg, &zero);
+		if (cfg && port >= cfg->port_low && port <= cfg->port_high) {
+			it_ephemeral += 1;
+			if (port_gen[port] != it_gen) {
+				port_gen[port] = it_gen;
+				it_ports += 1;
+			}
+		}
+		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+			return 0;
+	}
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;
+	sk = &tp->inet_conn.icsk_inet.sk;
 	r.port = port;
-
 	if (state == TCP_LISTEN) {
 		r.kind = ML_SAT_REC_LISTEN;
-		r.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-		r.a = BPF_CORE_READ(sk, sk_ack_backlog);
-		r.b = BPF_CORE_READ(sk, sk_max_ack_backlog);
+		r.a = sk->sk_ack_backlog;
+		r.b = sk->sk_max_ack_backlog;
 		r.drops = listener_drops(sk);
-		local_addr(skc, family, &r);
+		fill_owner(sk, &r);
+		copy_addr(skc, 0, &r);
 		emit(seq, &r);
 		return 0;
 	}
-	if (state == TCP_NEW_SYN_RECV)
-		return 0; /* a request socket holds the listener's port, not an ephemeral one */
-	range = BPF_CORE_READ(skc, skc_net.net, ipv4.ip_local_ports.range);
-	it_range = range;
-	low = range & 0xffff;
-	high = range >> 16;
-	if (port >= low && port <= high) {
-		it_ephemeral += 1;
-		if (port_gen[port] != it_gen) {
-			port_gen[port] = it_gen;
-			it_ports += 1;
-		}
-	}
-	if (state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT) {
-		struct tcp_sock *tp = (struct tcp_sock *)sk;
-		__u32 flags = 0;
-
-		if (BPF_CORE_READ(tp, rcv_wnd) == 0)
-			flags |= ML_SAT_ZW_LOCAL;
-		if (BPF_CORE_READ(tp, snd_wnd) == 0)
-			flags |= ML_SAT_ZW_PEER;
-		if (!flags)
-			return 0;
-		r.kind = ML_SAT_REC_ZEROWIN;
-		r.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-		r.c = flags;
-		r.probes = BPF_CORE_READ(tp, inet_conn.icsk_probes_out);
-		peer_addr(skc, family, &r);
-		emit(seq, &r);
-	}
+	if (tp->rcv_wnd == 0)
+		flags |= ML_SAT_ZW_LOCAL;
+	if (tp->snd_wnd == 0)
+		flags |= ML_SAT_ZW_PEER;
+	if (!flags)
+		return 0;
+	r.kind = ML_SAT_REC_ZEROWIN;
+	r.c = flags;
+	r.probes = tp->inet_conn.icsk_probes_out;
+	fill_owner(sk, &r);
+	copy_addr(skc, 1, &r);
+	emit(seq, &r);
 	return 0;
 }

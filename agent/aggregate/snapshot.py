@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from meshlens.agent.identity.model import IdentityView, StandaloneIdentity
+from meshlens.agent.aggregate.saturation import WorkloadSaturation
+from meshlens.agent.identity.model import IdentityView, StandaloneIdentity, Workload
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
 
 
@@ -27,4 +28,4 @@ class AgentSnapshot:
     identity: IdentityView = field(default_factory=StandaloneIdentity)
     service_map: Optional[object] = None     # agent.service_map.ServiceMap
     watch: Dict[str, object] = field(default_factory=dict)  # resource -> k8s_watch.WatchStatus
-    saturation: Dict[object, object] = field(default_factory=dict)  # Workload -> aggregate.saturation.WorkloadSaturation
+    saturation: Dict[Workload, WorkloadSaturation] = field(default_factory=dict)  # per local workload

@@ -56,11 +56,17 @@ struct ml_sat_iter_rec {
 	__u32 netns;
 	__u32 a;           /* LISTEN: sk_ack_backlog; SUMMARY: sockets (not listening) on an ephemeral port */
 	__u32 b;           /* LISTEN: sk_max_ack_backlog; SUMMARY: sockets seen */
-	__u32 c;           /* ZEROWIN: ML_SAT_ZW_* bits; SUMMARY: ip_local_port_range low | high << 16 */
+	__u32 c;           /* ZEROWIN: ML_SAT_ZW_* bits */
 	__u32 probes;      /* ZEROWIN: unanswered zero-window probes (icsk_probes_out); SUMMARY: distinct ephemeral ports */
 	__u16 port;        /* LISTEN, ZEROWIN: local port */
 	__u8 kind;         /* enum ml_sat_rec_kind */
 	__u8 family;       /* 4 or 6 */
+};
+
+/* Value of `iter_cfg`: the iterated namespace's ip_local_port_range. */
+struct ml_sat_iter_cfg {
+	__u32 port_low;
+	__u32 port_high;
 };
 
 /* Indexes of the per-CPU `counters` array. */

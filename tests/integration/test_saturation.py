@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.integration.agent_proc import AgentProcess
+from tests.integration.agent_proc import AgentProcess, held_prog_ids, loaded_programs
 from tests.integration.pods import Node, Pod, read_thread_net
 
 LISTEN_NO_ACCEPT = r"""
@@ -223,6 +223,12 @@ def test_netfilter_drops_equal_rule_counter_and_conntrack_count(node: Node, agen
     assert agent.total("meshlens_net_conntrack_limit_entries", netns=ns) == int(
         open("/proc/sys/net/netfilter/nf_conntrack_max").read())
 
+    # the pod goes: its namespace's kernel keys are deleted, its series stop
+    server.close()
+    assert wait_until(lambda: not any(s.labels.get("netns") == ns for s in agent.samples()
+                                      if s.name.startswith(("meshlens_net_", "meshlens_socket_"))))
+    assert agent.total("meshlens_agent_kernel_events_total", source="sat", counter="keys_expired") >= 1
+
 
 def test_stalled_reader_zero_window_and_rcvbuf_drops(node: Node, agent: AgentProcess) -> None:
     server, client = node.add_pod("stall-server"), node.add_pod("stall-client")
@@ -328,3 +334,20 @@ def test_socket_errors_by_errno_counted_exactly(node: Node, agent: AgentProcess)
           f"EHOSTUNREACH meshlens {got_unreach:.0f} / connect() {no_route}")
     assert refused == {"ECONNREFUSED": 7} and timed_out == {"ETIMEDOUT": 3} and no_route == {"EHOSTUNREACH": 5}
     assert (got_refused, got_timeout, got_unreach) == (7, 3, 5)
+
+
+SAT_PROGRAMS = {"handle_sat_kfree_skb", "handle_sat_rcvqueue_full", "handle_sat_buf_limit",
+                "handle_sat_error_report", "handle_sat_set_state", "sat_iter_tcp"}
+
+
+def test_sigterm_detaches_every_saturation_program() -> None:
+    agent = AgentProcess("--features", "sat").start()
+    try:
+        assert agent.proc is not None
+        programs = held_prog_ids(agent.proc.pid)
+        names = set(programs.values())  # bpftool prints the BTF name, or the kernel's first 15 characters
+        assert all(n in names or n[:15] in names for n in SAT_PROGRAMS), names
+    finally:
+        assert agent.stop() == 0
+    still = set(programs) & set(loaded_programs())
+    assert still == set(), f"programs still loaded after SIGTERM: {still}"

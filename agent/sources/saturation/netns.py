@@ -64,6 +64,7 @@ class NetnsVisitor:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlens-netns")
         self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.errors = 0  # namespaces that went away (or refused us) between listing and entering
+        self.listed: frozenset = frozenset()  # every namespace the last visit found, entered or not
 
     def visit_all(self, fn: Callable[[int], T], timeout_s: float = 30.0) -> Dict[int, T]:
         """{netns inode: fn(inode)} for every namespace fn could run in."""
@@ -72,7 +73,9 @@ class NetnsVisitor:
     def _visit_all(self, fn: Callable[[int], T]) -> Dict[int, T]:
         out: Dict[int, T] = {}
         try:
-            for inode, path in sorted(network_namespaces().items()):
+            found = network_namespaces()
+            self.listed = frozenset(found)
+            for inode, path in sorted(found.items()):
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:

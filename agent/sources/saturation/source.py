@@ -38,11 +38,11 @@ from meshlens.agent.sources.saturation.structs import (
     ZW_LOCAL,
     ZW_PEER,
     SatDropKey,
+    SatIterCfg,
     SatSockKey,
     errno_name,
     format_addr,
     iter_records,
-    port_range,
     protocol_name,
 )
 
@@ -177,6 +177,9 @@ class SaturationSource(ObjectSource):
         self._ncpu = num_possible_cpus()
         self.iter_errors = 0
         self.namespaces_visited = 0
+        self.keys_expired = 0  # kernel map keys of namespaces that no longer exist, deleted
+        self._present: set = set()
+        self._missing_before: set = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
     def _configure(self, obj: bpf.BpfObject) -> None:
@@ -204,33 +207,30 @@ class SaturationSource(ObjectSource):
 
     # ---- sweeps --------------------------------------------------------------------------
     def _visit(self, _netns: int) -> NetnsView:
-        """Runs in the visitor thread, inside the namespace."""
+        """Runs in the visitor thread, inside the namespace: the port range first (the
+        iterator counts the ports inside it), then the iterator, then conntrack."""
+        ports = read_sysctl_ints(IPPORT_SYSCTL)
         records = b""
-        if self._iter is not None:
+        if self._iter is not None and self.obj is not None:
+            low, high = ports if len(ports) == 2 else (1, 0)  # unknown range: count nothing
             try:
+                self.obj.map("iter_cfg").update_raw(bytes(ctypes.c_uint32(0)), bytes(SatIterCfg(low, high)))
                 records = read_iter(self._iter)
             except bpf.BpfError:
                 self.iter_errors += 1
-        return NetnsView(records, read_sysctl_ints(IPPORT_SYSCTL),
-                          (read_sysctl_ints(CT_COUNT_SYSCTL), read_sysctl_ints(CT_MAX_SYSCTL)))
+        return NetnsView(records, ports, (read_sysctl_ints(CT_COUNT_SYSCTL), read_sysctl_ints(CT_MAX_SYSCTL)))
 
     def _percpu_sum(self, raw: bytes) -> int:
         return sum((ctypes.c_uint64 * self._ncpu).from_buffer_copy(raw[: 8 * self._ncpu]))
 
+    def _gone(self, netns: int) -> bool:
+        """A namespace missing from two visits in a row: its pods are gone, its keys go too
+        (one miss could be a namespace created between the listing and the drop)."""
+        return netns != 0 and netns in self._missing_before and netns not in self._present
+
     def sweep(self, now_ns: int) -> None:
         if not self.obj:
             return
-        drops: Dict[Tuple[int, int, str, str], int] = {}
-        for k, v in self.obj.map("drops").items_raw():
-            key = SatDropKey.from_buffer_copy(k)
-            dk = (key.netns, key.cgroup_id, protocol_name(key.protocol), reason_name(key.reason))
-            drops[dk] = drops.get(dk, 0) + self._percpu_sum(v)
-        events: Dict[Tuple[int, int, str, str, str], int] = {}
-        for k, v in self.obj.map("sock_events").items_raw():
-            key = SatSockKey.from_buffer_copy(k)
-            ek = (key.netns, key.cgroup_id, format_addr(key.family, key.peer), KIND_NAMES.get(key.kind, "unknown"),
-                  _detail(key.kind, key.detail))
-            events[ek] = events.get(ek, 0) + self._percpu_sum(v)
         views: Dict[int, NetnsView] = {}
         if self._visitor is not None:
             try:
@@ -238,6 +238,36 @@ class SaturationSource(ObjectSource):
             except Exception:  # noqa: BLE001 - a failed visit leaves the sampled part empty, counted
                 self.iter_errors += 1
                 log.exception("sat: namespace visit failed")
+        prune = bool(views)  # never prune on a failed visit
+        self._present = set(self._visitor.listed) if self._visitor else set()
+        missing: set = set()
+        drops: Dict[Tuple[int, int, str, str], int] = {}
+        drops_map = self.obj.map("drops")
+        for k, v in drops_map.items_raw():
+            key = SatDropKey.from_buffer_copy(k)
+            if prune and key.netns and key.netns not in self._present:
+                missing.add(key.netns)
+                if self._gone(key.netns):
+                    drops_map.delete_raw(k)
+                    self.keys_expired += 1
+                    continue
+            dk = (key.netns, key.cgroup_id, protocol_name(key.protocol), reason_name(key.reason))
+            drops[dk] = drops.get(dk, 0) + self._percpu_sum(v)
+        events: Dict[Tuple[int, int, str, str, str], int] = {}
+        events_map = self.obj.map("sock_events")
+        for k, v in events_map.items_raw():
+            key = SatSockKey.from_buffer_copy(k)
+            if prune and key.netns and key.netns not in self._present:
+                missing.add(key.netns)
+                if self._gone(key.netns):
+                    events_map.delete_raw(k)
+                    self.keys_expired += 1
+                    continue
+            ek = (key.netns, key.cgroup_id, format_addr(key.family, key.peer), KIND_NAMES.get(key.kind, "unknown"),
+                  _detail(key.kind, key.detail))
+            events[ek] = events.get(ek, 0) + self._percpu_sum(v)
+        if prune:
+            self._missing_before = missing
         listeners, zero, ports, ct = fold_records(views)
         sums = self.obj.map("counters").percpu_u64_sums()
         kernel = {n: sums[i] for i, n in enumerate(COUNTER_NAMES)}
@@ -257,6 +287,7 @@ class SaturationSource(ObjectSource):
             k = dict(self._kernel)
             entries = dict(self._entries)
         k.update(iter_errors=self.iter_errors, namespaces_visited=self.namespaces_visited,
+                 keys_expired=self.keys_expired,
                  netns_errors=self._visitor.errors if self._visitor else 0)
         return SourceHealth(
             events_read={},

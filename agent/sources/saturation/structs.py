@@ -52,7 +52,12 @@ class SatIterRec(ctypes.Structure):
                 ("family", ctypes.c_uint8)]
 
 
-MIRRORS = {"ml_sat_drop_key": SatDropKey, "ml_sat_sock_key": SatSockKey, "ml_sat_iter_rec": SatIterRec}
+class SatIterCfg(ctypes.Structure):
+    _fields_ = [("port_low", ctypes.c_uint32), ("port_high", ctypes.c_uint32)]
+
+
+MIRRORS = {"ml_sat_drop_key": SatDropKey, "ml_sat_sock_key": SatSockKey, "ml_sat_iter_rec": SatIterRec,
+           "ml_sat_iter_cfg": SatIterCfg}
 
 
 def protocol_name(value: int) -> str:
@@ -68,11 +73,6 @@ def iter_records(data: bytes) -> List[SatIterRec]:
     """Split the iterator's output into records; a trailing partial record is ignored."""
     size = ctypes.sizeof(SatIterRec)
     return [SatIterRec.from_buffer_copy(data, off) for off in range(0, len(data) - size + 1, size)]
-
-
-def port_range(packed: int) -> tuple:
-    """struct local_ports.range: low in the low 16 bits, high in the high 16 bits."""
-    return packed & 0xFFFF, packed >> 16
 
 
 def format_addr(family: int, raw) -> str:
