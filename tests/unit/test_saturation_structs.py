@@ -56,6 +56,7 @@ def test_names_users_search_for() -> None:
     assert errno_name(errno.ECONNREFUSED) == "ECONNREFUSED"
     assert errno_name(errno.ETIMEDOUT) == "ETIMEDOUT"
     assert errno_name(4099) == "errno_4099"
+    assert errno_name(0) == "none"
     assert protocol_name(0x0800) == "ipv4" and protocol_name(0x86DD) == "ipv6"
     assert protocol_name(0x88CC) == "0x88cc"
 

@@ -65,7 +65,10 @@ def protocol_name(value: int) -> str:
 
 
 def errno_name(value: int) -> str:
-    """111 -> ECONNREFUSED (the name users search for); unknown numbers stay numeric."""
+    """111 -> ECONNREFUSED (the name users search for); unknown numbers stay numeric; 0 (a
+    report whose error was already cleared when the tracepoint read it) is "none"."""
+    if value == 0:
+        return "none"
     return errno.errorcode.get(value, f"errno_{value}")
 
 
