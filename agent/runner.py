@@ -37,6 +37,7 @@ class AgentConfig:
     poll_timeout_ms: int = 100
     tcp: TcpConfig = TcpConfig()
     http: HttpConfig = HttpConfig()
+    sat: SatConfig = SatConfig()
     features: Tuple[str, ...] = ("l4", "l7", "tc", "sat")  # which capture layers run (l4 always)
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
@@ -55,7 +56,7 @@ def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Sourc
     if "tc" in config.features:
         sources.append(TcSource(TcConfig(), features))
     if "sat" in config.features:
-        sources.append(SaturationSource(SatConfig(), features))
+        sources.append(SaturationSource(config.sat, features))
     return sources
 
 

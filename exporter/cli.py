@@ -12,6 +12,7 @@ from typing import List, Optional
 from meshlens.agent.identity.setup import add_identity_arguments, identity_from_args
 from meshlens.agent.lifecycle import DEFAULT_STATE_DIR, AlreadyRunning, InstanceLock, cleanup_stale_pins, install_stop_handlers
 from meshlens.agent.runner import Agent, AgentConfig, default_sources
+from meshlens.agent.sources.saturation.source import SatConfig
 from meshlens.agent.sources.tcp.source import TcpConfig
 
 log = logging.getLogger("meshlens")
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS from syscalls), "
                           "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "
                           "conntrack); default %(default)s")
+    run.add_argument("--socket-walk-interval", type=float, default=10.0,
+                     help="seconds between saturation's walks over every namespace's sockets (accept queues, "
+                          "zero windows, ephemeral ports, conntrack); default %(default)s")
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
@@ -47,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> Optional[str]:
-    for name in ("sweep_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
+    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive"
     return None
@@ -95,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
         map_interval_s=args.map_interval,
         tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
+        sat=SatConfig(walk_interval_s=args.socket_walk_interval),
     )
     stop = threading.Event()
     install_stop_handlers(stop)

@@ -133,7 +133,7 @@ print(json.dumps(errors), flush=True)
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[AgentProcess]:
-    with AgentProcess("--features", "sat", sweep_interval=0.2) as a:
+    with AgentProcess("--features", "sat", "--socket-walk-interval", "1", sweep_interval=0.2) as a:
         yield a
 
 

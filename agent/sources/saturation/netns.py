@@ -68,7 +68,11 @@ class NetnsVisitor:
 
     def visit_all(self, fn: Callable[[int], T], timeout_s: float = 30.0) -> Dict[int, T]:
         """{netns inode: fn(inode)} for every namespace fn could run in."""
-        return self._pool.submit(self._visit_all, fn).result(timeout_s)
+        return self.submit(fn).result(timeout_s)
+
+    def submit(self, fn: Callable[[int], T]) -> "concurrent.futures.Future[Dict[int, T]]":
+        """Start a visit of every namespace in the worker thread; the future holds visit_all's result."""
+        return self._pool.submit(self._visit_all, fn)
 
     def _visit_all(self, fn: Callable[[int], T]) -> Dict[int, T]:
         out: Dict[int, T] = {}
