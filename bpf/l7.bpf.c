@@ -53,6 +53,10 @@ char LICENSE[] SEC("license") = "GPL";
 /* Knobs, set by the agent before load. */
 const volatile __u32 sample_every = 0;   /* 0: no tap records; N: one request in N */
 const volatile __u32 self_tgid = 0;      /* the agent itself is not observed */
+/* The kernel has the bpf_rdonly_cast kfunc (6.2+). Without it (6.1) the same socket fields
+ * are read with bpf_probe_read_kernel, one helper call each; the verifier drops the branch
+ * this value rules out. */
+const volatile __u32 have_rdonly_cast = 1;
 
 /* ---- private structs (kernel only) ----------------------------------------------- */
 
@@ -255,7 +259,9 @@ static __always_inline struct scratch *get_scratch(void)
 
 /* ---- fd -> sock ------------------------------------------------------------------- */
 
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+/* Weak: on kernels without it libbpf leaves the call unresolved, and have_rdonly_cast = 0
+ * makes every call to it dead code. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 /* fd -> struct sock with direct (BTF, fault-safe) loads instead of one helper call per
  * pointer: this runs at every read/write-family syscall on the node, sockets or not. */
@@ -270,6 +276,12 @@ static __always_inline struct sock *fd_to_sock(int fd)
 		return NULL;
 	if (bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]) || !file)
 		return NULL;
+	if (!have_rdonly_cast) {
+		if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+			return NULL;
+		sock = BPF_CORE_READ(file, private_data);
+		return BPF_CORE_READ(sock, sk);
+	}
 	f = bpf_rdonly_cast(file, bpf_core_type_id_kernel(struct file));
 	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
 		return NULL;
@@ -290,10 +302,15 @@ static __always_inline int stash(void *ctx, int fd, __u64 buf, __u64 addr, __u32
 	sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
-	family = sk->__sk_common.skc_family;
+	if (have_rdonly_cast) {
+		family = sk->__sk_common.skc_family;
+		proto = sk->sk_protocol;
+	} else {
+		family = BPF_CORE_READ(sk, __sk_common.skc_family);
+		proto = BPF_CORE_READ(sk, sk_protocol);
+	}
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	proto = sk->sk_protocol;
 	if (proto == IPPROTO_TCP) {
 		key = (__u64)sk;
 		struct conn *c = bpf_map_lookup_elem(&http_conns, &key);
@@ -354,14 +371,47 @@ static __always_inline __u32 size_bucket(__u64 b)
 	return ML_SIZE_BUCKETS - 1;
 }
 
+/* fill_key without bpf_rdonly_cast: the same fields through bpf_probe_read_kernel. */
+static __always_inline void fill_key_probe_read(struct ml_http_key *k, struct sock *sk, __u8 role)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	k->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	k->family = family;
+	k->role = role;
+	if (role == ML_ROLE_SERVER) {
+		k->server_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		if (family == AF_INET) {
+			BPF_CORE_READ_INTO((__u32 *)k->server_addr, sk, __sk_common.skc_rcv_saddr);
+			BPF_CORE_READ_INTO((__u32 *)k->client_addr, sk, __sk_common.skc_daddr);
+		} else {
+			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_v6_rcv_saddr);
+			BPF_CORE_READ_INTO(&k->client_addr, sk, __sk_common.skc_v6_daddr);
+		}
+	} else {
+		k->server_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (family == AF_INET)
+			BPF_CORE_READ_INTO((__u32 *)k->server_addr, sk, __sk_common.skc_daddr);
+		else
+			BPF_CORE_READ_INTO(&k->server_addr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
 static __always_inline void fill_key(struct ml_http_key *k, __u64 skp, __u8 role)
 {
-	struct sock *sk = bpf_rdonly_cast((void *)skp, bpf_core_type_id_kernel(struct sock));
-	struct sock_common *c = &sk->__sk_common;
-	__u16 family = c->skc_family;
+	struct sock *sk;
+	struct sock_common *c;
+	__u16 family;
 
 	k->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(&k->comm, sizeof(k->comm));
+	if (!have_rdonly_cast) {
+		fill_key_probe_read(k, (struct sock *)skp, role);
+		return;
+	}
+	sk = bpf_rdonly_cast((void *)skp, bpf_core_type_id_kernel(struct sock));
+	c = &sk->__sk_common;
+	family = c->skc_family;
 	k->netns = c->skc_net.net->ns.inum;
 	k->family = family;
 	k->role = role;

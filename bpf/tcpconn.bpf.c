@@ -12,6 +12,7 @@
  *               tp/sock/sock_send_length + sock_recv_length   (6.3+, the fallback here)
  *   retransmit: tp/tcp/tcp_retransmit_skb, tp/tcp/tcp_retransmit_synack
  *   reset:      tp/tcp/tcp_send_reset, tp/tcp/tcp_receive_reset
+ *   (retransmit_skb and send_reset records changed layout in 6.10: both are read)
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -322,15 +323,53 @@ int BPF_PROG(fentry_tcp_cleanup_rbuf, struct sock *sk, int copied)
 
 /* ---- retransmits ------------------------------------------------------------------- */
 
-SEC("tp/tcp/tcp_retransmit_skb")
-int handle_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+/* Before 6.10 tcp_retransmit_skb and tcp_send_reset were events of the tcp_event_sk_skb
+ * class (6.1: no trace_event_raw_tcp_retransmit_skb/_send_reset types in the kernel's BTF;
+ * addresses as in_addr/in6_addr, ports in host order). CO-RE matches this local type to
+ * the kernel's trace_event_raw_tcp_event_sk_skb; bpf_core_type_exists() picks the layout
+ * at load time and the verifier drops the other branch. */
+struct trace_event_raw_tcp_event_sk_skb___pre610 {
+	struct trace_entry ent;
+	const void *skbaddr;
+	const void *skaddr;
+	int state;
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u8 saddr[4];
+	__u8 daddr[4];
+	__u8 saddr_v6[16];
+	__u8 daddr_v6[16];
+} __attribute__((preserve_access_index));
+
+#define SK_SKB_CTX_HAS_OWN_TYPE(t) bpf_core_type_exists(struct t)
+
+static __always_inline void sk_skb_from_ctx(void *ctx, int own_type, struct sock **sk, struct sk_buff **skb)
 {
-	struct sock *sk = (struct sock *)ctx->skaddr;
-	struct sk_buff *skb = (struct sk_buff *)ctx->skbaddr;
+	struct trace_event_raw_tcp_event_sk_skb___pre610 *old = ctx;
+	struct trace_event_raw_tcp_retransmit_skb *cur = ctx;
+
+	/* Read with the helper: clang folds two direct loads into one load through a moved
+	 * ctx pointer, which the verifier refuses. */
+	if (own_type) {
+		bpf_core_read(sk, sizeof(*sk), &cur->skaddr);
+		bpf_core_read(skb, sizeof(*skb), &cur->skbaddr);
+	} else {
+		bpf_core_read(sk, sizeof(*sk), &old->skaddr);
+		bpf_core_read(skb, sizeof(*skb), &old->skbaddr);
+	}
+}
+
+SEC("tp/tcp/tcp_retransmit_skb")
+int handle_retransmit(void *ctx)
+{
+	struct sock *sk;
+	struct sk_buff *skb;
 	struct ml_conn *c;
 	__u32 segs;
 	__u16 gso_segs = 0;
 
+	sk_skb_from_ctx(ctx, SK_SKB_CTX_HAS_OWN_TYPE(trace_event_raw_tcp_retransmit_skb), &sk, &skb);
 	count(ML_CNT_RETRANSMIT_SKBS);
 	c = get_or_create(sk);
 	if (!c)
@@ -405,13 +444,32 @@ static __always_inline void emit_reset(__u64 sk, struct ml_conn *tmp, __u8 sent)
 	count(ML_CNT_EVENTS_SUBMITTED);
 }
 
-SEC("tp/tcp/tcp_send_reset")
-int handle_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
+/* The pre-6.10 record: in_addr/in6_addr and host-order ports, always with a socket. */
+static __always_inline void tuple_from_sk_skb_pre610(struct ml_tuple *t, struct trace_event_raw_tcp_event_sk_skb___pre610 *old)
 {
-	struct sock *sk = (struct sock *)ctx->skaddr;
+	t->family = BPF_CORE_READ(old, family);
+	t->sport = BPF_CORE_READ(old, sport);
+	t->dport = BPF_CORE_READ(old, dport);
+	if (t->family == AF_INET) {
+		bpf_probe_read_kernel(t->saddr, 4, old->saddr);
+		bpf_probe_read_kernel(t->daddr, 4, old->daddr);
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, old->saddr_v6);
+		bpf_probe_read_kernel(t->daddr, 16, old->daddr_v6);
+	}
+}
+
+SEC("tp/tcp/tcp_send_reset")
+int handle_send_reset(void *raw)
+{
+	struct trace_event_raw_tcp_send_reset *ctx = raw;
+	int own_type = SK_SKB_CTX_HAS_OWN_TYPE(trace_event_raw_tcp_send_reset);
+	struct sock *sk;
+	struct sk_buff *skb;
 	struct ml_conn *c = NULL, tmp = {};
 	__u8 sa[28], da[28];
 
+	sk_skb_from_ctx(raw, own_type, &sk, &skb);
 	count(ML_CNT_RST_SENT);
 	if (sk)
 		c = get_or_create(sk);
@@ -422,7 +480,9 @@ int handle_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 	/* No full socket (a SYN to a closed port, a time-wait or request socket): report the
 	 * RST with the addresses the tracepoint recorded. */
 	count(ML_CNT_RST_SENT_NOSOCK);
-	if (bpf_core_field_size(ctx->saddr) == sizeof(sa)) {
+	if (!own_type) {
+		tuple_from_sk_skb_pre610(&tmp.tuple, raw);
+	} else if (bpf_core_field_size(ctx->saddr) == sizeof(sa)) {
 		bpf_probe_read_kernel(sa, sizeof(sa), ctx->saddr);
 		bpf_probe_read_kernel(da, sizeof(da), ctx->daddr);
 		tuple_from_sockaddrs(&tmp.tuple, sa, da);
@@ -437,7 +497,6 @@ int handle_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 		}
 	} else {
 		/* The RST answers this skb: its device's namespace is the socket-less side's. */
-		struct sk_buff *skb = (struct sk_buff *)ctx->skbaddr;
 		if (skb)
 			tmp.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
 	}

@@ -22,6 +22,7 @@ log = logging.getLogger("meshlens.kernel")
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 BPFFS = Path("/sys/fs/bpf")
+BTF_KIND_FUNC = 12
 
 
 def _mounted(path: Path, fstype: str) -> bool:
@@ -76,6 +77,20 @@ class KernelFeatures:
         except (OSError, KeyError) as exc:
             log.info("fentry unavailable: %s", getattr(exc, "strerror", exc))
             return False
+
+    def kernel_btf_function(self, name: str) -> bool:
+        """The kernel's BTF has a function of that name (how kfuncs such as bpf_rdonly_cast,
+        6.2+, are told apart from kernels without them)."""
+        if not self.btf:
+            return False
+        btf = libbpf.lib.btf__load_vmlinux_btf()
+        if not btf:
+            log.info("cannot read kernel BTF: errno %d", libbpf.get_errno())
+            return False
+        try:
+            return libbpf.lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) >= 0
+        finally:
+            libbpf.lib.btf__free(btf)
 
     def kernel_function(self, name: str) -> bool:
         """The function exists as a traceable symbol."""

@@ -176,7 +176,8 @@ class HttpSource(ObjectSource):
         obj.map("http_conns").max_entries = self.config.conns_max_entries
         obj.map("http_stats").max_entries = self.config.stats_max_entries
         obj.map("l7_events").max_entries = self.config.ringbuf_bytes
-        obj.set_rodata({"sample_every": self.config.sample_every, "self_tgid": os.getpid()}, L7Rodata)
+        obj.set_rodata({"sample_every": self.config.sample_every, "self_tgid": os.getpid(),
+                        "have_rdonly_cast": int(self.features.kernel_btf_function("bpf_rdonly_cast"))}, L7Rodata)
 
     def start(self) -> None:
         self.obj, self._choices = load_with_fallback(bpf.object_path("l7"), SIGNALS, self.features, self._configure)

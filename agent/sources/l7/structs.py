@@ -144,7 +144,8 @@ class MlDnsEvent(ctypes.Structure):
 class L7Rodata(ctypes.Structure):
     """The `const volatile` knobs of l7.bpf.c, in .rodata order."""
 
-    _fields_ = [("sample_every", ctypes.c_uint32), ("self_tgid", ctypes.c_uint32)]
+    _fields_ = [("sample_every", ctypes.c_uint32), ("self_tgid", ctypes.c_uint32),
+                ("have_rdonly_cast", ctypes.c_uint32)]
 
 
 MIRRORS = {
