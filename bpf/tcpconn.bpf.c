@@ -8,11 +8,13 @@
  *
  * Attach points (the agent picks per signal, see agent/attach.py):
  *   state:      tp/sock/inet_sock_set_state                 (4.16+)
- *   bytes:      fexit/tcp_sendmsg + fentry/tcp_cleanup_rbuf  (where fentry is allowed)
+ *   bytes:      fexit/tcp_sendmsg + fexit/tcp_sendpage (before 6.5) + fexit/tcp_recvmsg
+ *               (where fentry is allowed)
  *               tp/sock/sock_send_length + sock_recv_length   (6.3+, the fallback here)
  *   retransmit: tp/tcp/tcp_retransmit_skb, tp/tcp/tcp_retransmit_synack
  *   reset:      tp/tcp/tcp_send_reset, tp/tcp/tcp_receive_reset
  *   (retransmit_skb and send_reset records changed layout in 6.10: both are read)
+ *   socket-less resets before 6.10: fentry/tcp_v4_send_reset, fentry/tcp_v6_send_reset
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -312,12 +314,32 @@ int BPF_PROG(fexit_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size
 	return 0;
 }
 
-SEC("fentry/tcp_cleanup_rbuf")
-int BPF_PROG(fentry_tcp_cleanup_rbuf, struct sock *sk, int copied)
+/* sendfile/splice before 6.5 go through tcp_sendpage, not tcp_sendmsg. */
+SEC("fexit/tcp_sendpage")
+int BPF_PROG(fexit_tcp_sendpage, struct sock *sk, struct page *page, int offset, size_t size, int flags, int ret)
 {
+	count(ML_CNT_SEND_CALLS);
+	if (ret > 0)
+		account_bytes(sk, ret, 0);
+	return 0;
+}
+
+/* Bytes a recvmsg returned, MSG_PEEK excluded, as sock_recv_length counts them.
+ * (tcp_cleanup_rbuf, the usual hook, sees peeked bytes and, when a MSG_WAITALL read
+ * blocks part-way, the same bytes twice.) tcp_recvmsg lost its `nonblock` argument in
+ * 5.19, so flags are found by argument count. */
+SEC("fexit/tcp_recvmsg")
+int fexit_tcp_recvmsg(unsigned long long *ctx)
+{
+	__u64 sk = 0, flags = 0, ret = 0;
+	__u32 flags_arg = bpf_get_func_arg_cnt(ctx) == 5 ? 3 : 4;
+
 	count(ML_CNT_RECV_CALLS);
-	if (copied > 0)
-		account_bytes(sk, 0, copied);
+	bpf_get_func_ret(ctx, &ret);
+	bpf_get_func_arg(ctx, 0, &sk);
+	bpf_get_func_arg(ctx, flags_arg, &flags);
+	if ((__s32)ret > 0 && !(flags & MSG_PEEK))
+		account_bytes((struct sock *)sk, 0, (__u32)ret);
 	return 0;
 }
 
@@ -503,6 +525,69 @@ int handle_send_reset(void *raw)
 	tmp.direction = ML_DIR_INBOUND;
 	emit_reset((__u64)sk, &tmp, 1);
 	return 0;
+}
+
+/* ---- resets without a full socket, before 6.10 ------------------------------------ */
+
+/* Before 6.10 tcp_v4/v6_send_reset fire tcp_send_reset only for a full socket: the RST
+ * that refuses a SYN to a closed port, or answers for a time-wait or request socket, has
+ * no record. These hooks report exactly those; the agent attaches them only where the
+ * tracepoint has the pre-6.10 layout. The RST goes back to the skb's source. */
+static __always_inline int reset_without_full_sock(struct sock *sk, struct sk_buff *skb, int v6)
+{
+	struct ml_conn tmp = {};
+	unsigned char *head;
+	__u16 nh, th;
+	struct tcphdr tcp;
+
+	if (sk) {
+		int state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		if (state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV)
+			return 0; /* full socket: tcp_send_reset reports it */
+	}
+	count(ML_CNT_RST_SENT);
+	count(ML_CNT_RST_SENT_NOSOCK);
+	head = BPF_CORE_READ(skb, head);
+	nh = BPF_CORE_READ(skb, network_header);
+	th = BPF_CORE_READ(skb, transport_header);
+	if (bpf_probe_read_kernel(&tcp, sizeof(tcp), head + th))
+		return 0;
+	tmp.tuple.sport = bpf_ntohs(tcp.dest);
+	tmp.tuple.dport = bpf_ntohs(tcp.source);
+	if (v6) {
+		struct ipv6hdr ip6;
+		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh))
+			return 0;
+		tmp.tuple.family = AF_INET6;
+		__builtin_memcpy(tmp.tuple.saddr, &ip6.daddr, 16);
+		__builtin_memcpy(tmp.tuple.daddr, &ip6.saddr, 16);
+	} else {
+		struct iphdr ip;
+		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
+			return 0;
+		tmp.tuple.family = AF_INET;
+		__builtin_memcpy(tmp.tuple.saddr, &ip.daddr, 4);
+		__builtin_memcpy(tmp.tuple.daddr, &ip.saddr, 4);
+	}
+	if (sk)
+		tmp.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	else
+		tmp.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+	tmp.direction = ML_DIR_INBOUND;
+	emit_reset((__u64)sk, &tmp, 1);
+	return 0;
+}
+
+SEC("fentry/tcp_v4_send_reset")
+int BPF_PROG(fentry_tcp_v4_send_reset, struct sock *sk, struct sk_buff *skb)
+{
+	return reset_without_full_sock(sk, skb, 0);
+}
+
+SEC("fentry/tcp_v6_send_reset")
+int BPF_PROG(fentry_tcp_v6_send_reset, struct sock *sk, struct sk_buff *skb)
+{
+	return reset_without_full_sock(sk, skb, 1);
 }
 
 SEC("tp/tcp/tcp_receive_reset")

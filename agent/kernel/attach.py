@@ -32,7 +32,7 @@ class AttachChoice:
 
 @dataclass(frozen=True)
 class Variant:
-    name: str                    # "fentry", "kprobe", "tracepoint"
+    name: str                    # "fentry", "kprobe", "tracepoint", or a more specific name
     kind: str                    # one of: tracepoint, fentry, kprobe
     programs: Tuple[str, ...]    # program names in the BPF object
     targets: Tuple[str, ...]     # "category/event" for tracepoints, function names otherwise
@@ -53,7 +53,10 @@ def variant_available(v: Variant, kf: KernelFeatures) -> Tuple[bool, str]:
             return False, "tracefs not mounted"
         return (not missing, f"no tracepoint {', '.join(missing)}" if missing else "")
     if v.kind == "fentry":
-        return (kf.fentry, "" if kf.fentry else "fentry programs refused by this kernel")
+        if not kf.fentry:
+            return False, "fentry programs refused by this kernel"
+        missing = [t for t in v.targets if not kf.kernel_btf_function(t)]
+        return (not missing, f"no kernel function {', '.join(missing)}" if missing else "")
     if v.kind == "kprobe":
         if not kf.kprobes:
             return False, "kprobes not available (CONFIG_KPROBES off)"

@@ -22,6 +22,7 @@ log = logging.getLogger("meshlens.kernel")
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 BPFFS = Path("/sys/fs/bpf")
+BTF_KIND_STRUCT = 4
 BTF_KIND_FUNC = 12
 
 
@@ -79,8 +80,21 @@ class KernelFeatures:
             return False
 
     def kernel_btf_function(self, name: str) -> bool:
-        """The kernel's BTF has a function of that name (how kfuncs such as bpf_rdonly_cast,
-        6.2+, are told apart from kernels without them)."""
+        """The kernel's BTF has a function of that name: fentry can target it, or, for kfuncs
+        such as bpf_rdonly_cast (6.2+), programs can call it."""
+        return self._btf_has(name, BTF_KIND_FUNC)
+
+    def kernel_btf_struct(self, name: str) -> bool:
+        """The kernel's BTF has a struct of that name (e.g. a tracepoint's record type)."""
+        return self._btf_has(name, BTF_KIND_STRUCT)
+
+    def _btf_has(self, name: str, kind: int) -> bool:
+        memo = self.__dict__.setdefault("_btf_memo", {})
+        if (name, kind) not in memo:
+            memo[(name, kind)] = self._btf_lookup(name, kind)
+        return memo[(name, kind)]
+
+    def _btf_lookup(self, name: str, kind: int) -> bool:
         if not self.btf:
             return False
         btf = libbpf.lib.btf__load_vmlinux_btf()
@@ -88,7 +102,7 @@ class KernelFeatures:
             log.info("cannot read kernel BTF: errno %d", libbpf.get_errno())
             return False
         try:
-            return libbpf.lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) >= 0
+            return libbpf.lib.btf__find_by_name_kind(btf, name.encode(), kind) >= 0
         finally:
             libbpf.lib.btf__free(btf)
 

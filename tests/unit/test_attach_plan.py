@@ -5,14 +5,21 @@ from pathlib import Path
 
 from meshlens.agent.kernel.attach import Signal, Variant, plan, variant_available
 from meshlens.agent.kernel.features import KernelFeatures
-from meshlens.agent.sources.tcp.source import SIGNALS
+from meshlens.agent.sources.tcp.source import RESET_NOSOCK, SIGNALS, signals_for
+
+
+# Functions in the BTF of a 6.5+ kernel and of Debian's 6.1 (tcp_sendpage went away in 6.5).
+FUNCS_6_18 = {"tcp_sendmsg", "tcp_recvmsg", "tcp_v4_send_reset", "tcp_v6_send_reset"}
+FUNCS_6_1 = FUNCS_6_18 | {"tcp_sendpage"}
 
 
 class FakeKernel(KernelFeatures):
-    def __init__(self, tracepoints=(), fentry=False, kprobes=False, functions=()) -> None:
+    def __init__(self, tracepoints=(), fentry=False, kprobes=False, functions=(), btf_functions=FUNCS_6_18,
+                 btf_structs=("trace_event_raw_tcp_send_reset",)) -> None:
         super().__init__(release="6.18.0", btf=True, tracefs=Path("/nonexistent"), bpffs=True, is_root=True,
                          memlock_bytes=-1)
         self._tps, self._functions = set(tracepoints), set(functions)
+        self._btf_functions, self._btf_structs = set(btf_functions), set(btf_structs)
         self.__dict__["fentry"] = fentry
         self.__dict__["kprobes"] = kprobes
 
@@ -22,28 +29,46 @@ class FakeKernel(KernelFeatures):
     def kernel_function(self, name: str) -> bool:
         return name in self._functions
 
+    def kernel_btf_function(self, name: str) -> bool:
+        return name in self._btf_functions
+
+    def kernel_btf_struct(self, name: str) -> bool:
+        return name in self._btf_structs
+
 
 BYTES = next(s for s in SIGNALS if s.name == "tcp_bytes")
+LENGTH_TPS = {"sock/sock_send_length", "sock/sock_recv_length"}
 
 
 def test_fentry_preferred_when_the_kernel_allows_it() -> None:
-    kf = FakeKernel(tracepoints={"sock/sock_send_length", "sock/sock_recv_length"}, fentry=True)
+    kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=True)
     (st,) = plan([BYTES], kf)
     assert [v.name for v in st.candidates] == ["fentry", "tracepoint"]
+    assert st.tried == ["fentry+sendpage: no kernel function tcp_sendpage"]
 
 
 def test_tracepoint_fallback_with_the_reason_recorded() -> None:
-    kf = FakeKernel(tracepoints={"sock/sock_send_length", "sock/sock_recv_length"}, fentry=False)
+    kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=False)
     (st,) = plan([BYTES], kf)
     assert [v.name for v in st.candidates] == ["tracepoint"]
-    assert st.tried == ["fentry: fentry programs refused by this kernel"]
+    assert st.tried == ["fentry+sendpage: fentry programs refused by this kernel",
+                        "fentry: fentry programs refused by this kernel"]
 
 
-def test_old_kernel_without_the_length_tracepoints_uses_fentry() -> None:
-    kf = FakeKernel(tracepoints=set(), fentry=True)
+def test_old_kernel_without_the_length_tracepoints_uses_fentry_with_sendpage() -> None:
+    kf = FakeKernel(tracepoints=set(), fentry=True, btf_functions=FUNCS_6_1, btf_structs=())
     (st,) = plan([BYTES], kf)
-    assert [v.name for v in st.candidates] == ["fentry"]
+    assert [v.name for v in st.candidates] == ["fentry+sendpage", "fentry"]
     assert "no tracepoint sock/sock_send_length, sock/sock_recv_length" in st.tried[0]
+
+
+def test_socket_less_resets_hooked_only_where_the_tracepoint_misses_them() -> None:
+    old = FakeKernel(fentry=True, btf_functions=FUNCS_6_1, btf_structs=())
+    new = FakeKernel(fentry=True)
+    assert [s.name for s in signals_for(old)] == [s.name for s in SIGNALS] + ["tcp_reset_nosock"]
+    assert signals_for(new) == SIGNALS
+    (st,) = plan([RESET_NOSOCK], old)
+    assert [v.name for v in st.candidates] == ["fentry"] and not RESET_NOSOCK.required
 
 
 def test_kprobe_variant_needs_kprobes_and_the_function() -> None:

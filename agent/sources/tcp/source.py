@@ -12,7 +12,7 @@ import logging
 import operator
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.attach import Signal, Variant, load_with_fallback
@@ -44,7 +44,10 @@ SIGNALS = (
     Signal(
         "tcp_bytes",
         (
-            Variant("fentry", "fentry", ("fexit_tcp_sendmsg", "fentry_tcp_cleanup_rbuf"), ("tcp_sendmsg", "tcp_cleanup_rbuf")),
+            # Before 6.5 sendfile/splice bypass tcp_sendmsg through tcp_sendpage.
+            Variant("fentry+sendpage", "fentry", ("fexit_tcp_sendmsg", "fexit_tcp_sendpage", "fexit_tcp_recvmsg"),
+                    ("tcp_sendmsg", "tcp_sendpage", "tcp_recvmsg")),
+            Variant("fentry", "fentry", ("fexit_tcp_sendmsg", "fexit_tcp_recvmsg"), ("tcp_sendmsg", "tcp_recvmsg")),
             Variant(
                 "tracepoint", "tracepoint", ("handle_send_length", "handle_recv_length"),
                 ("sock/sock_send_length", "sock/sock_recv_length"),
@@ -70,6 +73,24 @@ SIGNALS = (
         ),
     ),
 )
+
+# Before 6.10 tcp_send_reset fires only for full sockets: RSTs refusing a SYN to a closed
+# port (or sent for time-wait/request sockets) need these hooks. Used only where the
+# tracepoint still has that layout (no trace_event_raw_tcp_send_reset type in the BTF).
+RESET_NOSOCK = Signal(
+    "tcp_reset_nosock",
+    (Variant("fentry", "fentry", ("fentry_tcp_v4_send_reset", "fentry_tcp_v6_send_reset"),
+             ("tcp_v4_send_reset", "tcp_v6_send_reset")),),
+    required=False,
+)
+
+
+def signals_for(kf: KernelFeatures) -> Tuple[Signal, ...]:
+    """The TCP signals this kernel needs: SIGNALS, plus socket-less resets before 6.10."""
+    if kf.btf and not kf.kernel_btf_struct("trace_event_raw_tcp_send_reset"):
+        return SIGNALS + (RESET_NOSOCK,)
+    return SIGNALS
+
 
 CONNECT_FAIL_REASONS = {
     errno.ECONNREFUSED: "refused",
@@ -135,6 +156,7 @@ class TcpSource(ObjectSource):
         self.obj: Optional[bpf.BpfObject] = None
         self._rb: Optional[bpf.RingBuffer] = None
         self._choices: List[AttachChoice] = []
+        self._signals: Tuple[Signal, ...] = SIGNALS
         self.events_read: Dict[str, int] = {n: 0 for n in EVENT_NAMES.values()}
         self.decode_errors = 0
         self.close_events_lost_recovered = 0
@@ -143,14 +165,19 @@ class TcpSource(ObjectSource):
 
     # ---- lifecycle ---------------------------------------------------------------------
     def _configure(self, obj: bpf.BpfObject) -> None:
+        if RESET_NOSOCK not in self._signals:  # not planned, so load_with_fallback left them on
+            for v in RESET_NOSOCK.variants:
+                for prog in v.programs:
+                    obj.program(prog).autoload = False
         obj.map("conns").max_entries = self.config.conns_max_entries
         obj.map("events").max_entries = self.config.ringbuf_bytes
         obj.set_rodata({"emit_retransmit_events": int(self.config.emit_retransmit_events),
                         "emit_open_events": int(self.config.emit_open_events)}, TcpconnRodata)
 
     def start(self) -> None:
+        self._signals = signals_for(self.features)
         self.obj, self._choices = load_with_fallback(
-            bpf.object_path("tcpconn"), SIGNALS, self.features, self._configure
+            bpf.object_path("tcpconn"), self._signals, self.features, self._configure
         )
         self._rb = bpf.RingBuffer(self.obj.map("events"), self._on_event)
         for ch in self._choices:
