@@ -15,15 +15,16 @@ CLANG      ?= clang
 BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf/include -Wall -Werror
 
 # Debian packages: build (clang, libbpf), runtime (libbpf1, iproute2), and the real servers,
-# clients and tools the integration tests and benchmarks drive.
+# clients and tools the integration tests and benchmarks drive; qemu, busybox and kmod boot
+# the kernel-matrix guest (Debian's 6.1 kernel, tests/kernel_matrix).
 APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light iperf3 \
             dnsmasq-base wrk prometheus curl python3-venv procps bpfcc-tools \
-            iputils-ping
+            iputils-ping qemu-system-x86 busybox-static kmod
 
 METRICS_ADDR ?= 127.0.0.1:9433
 PYTEST_ARGS  ?=
 
-.PHONY: all run test unit integration lint-imports bench deps mounts bpf vmlinux clean
+.PHONY: all run test unit integration kernel-matrix lint-imports bench deps mounts bpf vmlinux clean
 
 all: deps bpf mounts
 
@@ -42,6 +43,11 @@ unit: deps bpf
 
 integration: all
 	$(PY) -m pytest -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+# The same build on the host's kernel and on Debian's 6.1 under qemu (also part of `make test`);
+# the side-by-side record lands in .build/kernel-matrix.txt.
+kernel-matrix: all
+	$(PY) -m pytest -p no:cacheprovider tests/kernel_matrix $(PYTEST_ARGS)
 
 deps: $(STAMPS)/apt.stamp $(STAMPS)/venv.stamp
 

@@ -219,8 +219,13 @@ def _load(out: Path) -> Optional[GuestImage]:
 
 def ensure_image(cache: Path = CACHE_ROOT) -> GuestImage:
     """The cached image for the current Debian kernel package, built on first use."""
-    package = kernel_package()
-    info = deb_info(package)
+    try:
+        package = kernel_package()
+        info = deb_info(package)
+    except ImageError:  # no or stale package lists (a fresh machine): refresh them once
+        _run(["apt-get", "update", "-qq"])
+        package = kernel_package()
+        info = deb_info(package)
     key = f"{info.sha256[:16]}-{_recipe_hash()}"
     out = cache / "images" / key
     (cache / "images").mkdir(parents=True, exist_ok=True)
@@ -231,6 +236,7 @@ def ensure_image(cache: Path = CACHE_ROOT) -> GuestImage:
             return found
         deb = fetch_deb(info, package, cache)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache / "images"))
+        os.chmod(tmp, 0o755)
         try:
             _build(deb, package, tmp)
             shutil.rmtree(out, ignore_errors=True)
@@ -241,6 +247,7 @@ def ensure_image(cache: Path = CACHE_ROOT) -> GuestImage:
         # image.json holds the temp path; rewrite it with the final one.
         image = _load_rebased(out, tmp)
         _prune(cache / "images", keep=out)
+        _prune(cache / "debs", keep=deb)
         return image
 
 
@@ -253,11 +260,15 @@ def _load_rebased(out: Path, old: Path) -> GuestImage:
     return image
 
 
-def _prune(images: Path, keep: Path) -> None:
-    """Older images (another kernel version or recipe) are removed: one is enough."""
-    for p in images.iterdir():
-        if p != keep and not p.name.startswith("."):
+def _prune(directory: Path, keep: Path) -> None:
+    """Older images or .debs (another kernel version or recipe) are removed: one is enough."""
+    for p in directory.iterdir():
+        if p == keep or p.name.startswith("."):
+            continue
+        if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ nginx's access log or the pod's /proc/net/snmp say) and `meshlens` (the agent's 
 filtered to the section's pods) with the same keys; tests/kernel_matrix/test_kernel_matrix.py
 asserts they are equal. Sizes are odd and small: under TCG the whole run takes about a minute.
 
-    python -m tests.kernel_matrix.smoke          # prints the JSON report; exit 1 on a mismatch
+    python -m tests.kernel_matrix.smoke [SECTION...]   # prints the JSON report; exit 1 on a mismatch
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List
 
-from tests.integration.agent_proc import AgentProcess
+from tests.integration.agent_proc import MESHLENS, AgentProcess
 from tests.integration.pods import Node, Pod, cleanup_leftovers
 from tests.integration.servers import Nginx
 
@@ -115,13 +115,24 @@ def _of(pod: Pod) -> Dict[str, str]:
     return {"netns": str(pod.netns_inode), "cgroup": "/" + pod.cgroup_relpath}
 
 
-def _settled(agent: AgentProcess, expected: Dict[str, int], read: Callable[[], Dict[str, int]]) -> Dict[str, int]:
+class Scrape:
+    """One /metrics scrape (under TCG a scrape costs about a second: read it once per poll)."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.samples = agent.samples()
+
+    def total(self, name: str, **match: str) -> int:
+        return int(sum(s.value for s in self.samples if s.name == name
+                       and all(s.labels.get(k) == v for k, v in match.items())))
+
+
+def _settled(agent: AgentProcess, expected: Dict[str, Any], read: Callable[[Scrape], Dict[str, Any]]) -> Dict[str, Any]:
     """Poll the agent until it reports `expected` (or WAIT_S passes); return what it reported."""
     deadline = time.monotonic() + WAIT_S
-    got = read()
+    got = read(Scrape(agent))
     while got != expected and time.monotonic() < deadline:
         time.sleep(0.5)
-        got = read()
+        got = read(Scrape(agent))
     return got
 
 
@@ -147,13 +158,13 @@ def tcp_section(node: Node, agent: AgentProcess) -> Report:
     out = dict(**_of(cli), direction="outbound", network_peer_address=srv.ipv4, server_port="8080")
     inb = dict(**_of(srv), direction="inbound", network_peer_address=cli.ipv4, server_port="8080")
 
-    def read() -> Dict[str, int]:
+    def read(m: Scrape) -> Dict[str, int]:
         got = {}
         for side, match in (("outbound", out), ("inbound", inb)):
-            got[f"{side}_opened"] = int(agent.total("meshlens_tcp_connections_opened_total", **match))
-            got[f"{side}_closed"] = int(agent.total("meshlens_tcp_connections_closed_total", **match))
-            got[f"{side}_sent_bytes"] = int(agent.total("meshlens_tcp_sent_bytes_total", **match))
-            got[f"{side}_received_bytes"] = int(agent.total("meshlens_tcp_received_bytes_total", **match))
+            got[f"{side}_opened"] = m.total("meshlens_tcp_connections_opened_total", **match)
+            got[f"{side}_closed"] = m.total("meshlens_tcp_connections_closed_total", **match)
+            got[f"{side}_sent_bytes"] = m.total("meshlens_tcp_sent_bytes_total", **match)
+            got[f"{side}_received_bytes"] = m.total("meshlens_tcp_received_bytes_total", **match)
         return got
 
     return {"workload": f"{TCP_CONNECTIONS} connections, {TCP_UP} bytes up, {TCP_DOWN} down",
@@ -176,22 +187,22 @@ def http_section(node: Node, agent: AgentProcess) -> Report:
         "server_tcp_received_bytes": sum(e["request_length"] for e in entries),
     }
 
-    def by_status(name: str, match: Dict[str, str]) -> Dict[str, int]:
+    def by_status(m: Scrape, name: str, match: Dict[str, str]) -> Dict[str, int]:
         counts: Dict[str, int] = collections.Counter()
-        for s in agent.samples():
+        for s in m.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in match.items()):
                 counts[s.labels["http_response_status_code"]] += int(s.value)
         return dict(sorted((k, v) for k, v in counts.items() if v))
 
     inb = dict(**_of(web), direction="inbound", server_port="80")
 
-    def read() -> Dict[str, Any]:
+    def read(m: Scrape) -> Dict[str, Any]:
         return {
-            "server_requests_by_status": by_status("http_server_request_duration_seconds_count",
+            "server_requests_by_status": by_status(m, "http_server_request_duration_seconds_count",
                                                    dict(**_of(web), server_port="80")),
-            "client_requests_by_status": by_status("http_client_request_duration_seconds_count", _of(cli)),
-            "server_tcp_sent_bytes": int(agent.total("meshlens_tcp_sent_bytes_total", **inb)),
-            "server_tcp_received_bytes": int(agent.total("meshlens_tcp_received_bytes_total", **inb)),
+            "client_requests_by_status": by_status(m, "http_client_request_duration_seconds_count", _of(cli)),
+            "server_tcp_sent_bytes": m.total("meshlens_tcp_sent_bytes_total", **inb),
+            "server_tcp_received_bytes": m.total("meshlens_tcp_received_bytes_total", **inb),
         }
 
     return {"workload": f"{total} keep-alive requests to nginx: " + ", ".join(f"{n}x {p}" for p, n in HTTP_REQUESTS),
@@ -213,12 +224,12 @@ def retransmit_section(node: Node, agent: AgentProcess) -> Report:
     }
     out = dict(**_of(snd), direction="outbound", network_peer_address=rcv.ipv4, server_port="5555")
 
-    def read() -> Dict[str, int]:
+    def read(m: Scrape) -> Dict[str, int]:
         return {
-            "sender_retransmitted_segments": int(agent.total("meshlens_tcp_retransmitted_segments_total", **_of(snd))),
-            "sender_sent_bytes": int(agent.total("meshlens_tcp_sent_bytes_total", **out)),
-            "receiver_received_bytes": int(agent.total("meshlens_tcp_received_bytes_total", **_of(rcv),
-                                                       direction="inbound")),
+            "sender_retransmitted_segments": m.total("meshlens_tcp_retransmitted_segments_total", **_of(snd)),
+            "sender_sent_bytes": m.total("meshlens_tcp_sent_bytes_total", **out),
+            "receiver_received_bytes": m.total("meshlens_tcp_received_bytes_total", **_of(rcv),
+                                                       direction="inbound"),
         }
 
     return {"workload": f"{BULK_BYTES} bytes on one connection, {LOSS:.0%} of the receiver's packets dropped",
@@ -237,13 +248,13 @@ def refused_section(node: Node, agent: AgentProcess) -> Report:
     }
     fails = dict(**_of(cli), direction="outbound", server_port="9")
 
-    def read() -> Dict[str, int]:
-        refused = int(agent.total("meshlens_tcp_connect_failures_total", reason="refused", **fails))
+    def read(m: Scrape) -> Dict[str, int]:
+        refused = m.total("meshlens_tcp_connect_failures_total", reason="refused", **fails)
         return {
             "client_connect_refused": refused,
-            "client_attempt_fails": int(agent.total("meshlens_tcp_connect_failures_total", **fails)),
-            "server_resets_sent": int(agent.total("meshlens_tcp_resets_sent_total", netns=str(srv.netns_inode),
-                                                  network_peer_address=cli.ipv4, server_port="9")),
+            "client_attempt_fails": m.total("meshlens_tcp_connect_failures_total", **fails),
+            "server_resets_sent": m.total("meshlens_tcp_resets_sent_total", netns=str(srv.netns_inode),
+                                                  network_peer_address=cli.ipv4, server_port="9"),
         }
 
     return {"workload": f"{REFUSED_CONNECTS} connects to a closed port",
@@ -265,9 +276,9 @@ def recv_flags_section(node: Node, agent: AgentProcess) -> Report:
     truth = {"client_received_bytes": client["received"], "server_sent_bytes": int(out.strip().splitlines()[-1])}
     match = dict(**_of(cli), direction="outbound", network_peer_address=srv.ipv4, server_port="8090")
 
-    def read() -> Dict[str, int]:
-        return {"client_received_bytes": int(agent.total("meshlens_tcp_received_bytes_total", **match)),
-                "server_sent_bytes": int(agent.total("meshlens_tcp_sent_bytes_total", **_of(srv), direction="inbound"))}
+    def read(m: Scrape) -> Dict[str, int]:
+        return {"client_received_bytes": m.total("meshlens_tcp_received_bytes_total", **match),
+                "server_sent_bytes": m.total("meshlens_tcp_sent_bytes_total", **_of(srv), direction="inbound")}
 
     return {"workload": f"{PEEK_CONNECTIONS} connections: {PEEKED}-byte MSG_PEEK, then a MSG_WAITALL read of "
                         f"{total} bytes sent in parts {PEEK_PARTS}",
@@ -279,9 +290,29 @@ SECTIONS: Dict[str, Callable[[Node, AgentProcess], Report]] = {
 }
 
 
+def meshlens_check() -> Report:
+    """`meshlens check` as a user runs it: exit code, output, and the attach point per signal."""
+    proc = subprocess.run([MESHLENS, "check"], capture_output=True, text=True, timeout=AGENT_START_S)
+    return {"returncode": proc.returncode, "output": proc.stdout, "attach": attach_points(proc.stdout)}
+
+
+def attach_points(check_output: str) -> Dict[str, str]:
+    """'source/signal' -> 'variant [programs]' from the attach points section of `meshlens check`."""
+    lines = check_output.split("attach points", 1)[-1].splitlines()
+    out = {}
+    for line in lines:
+        if line[:2] in ("√ ", "× ", "‼ ") and ": " in line:
+            name, _, rest = line[2:].partition(": ")
+            out[name] = rest.split(" (not ", 1)[0]
+    return out
+
+
 def run(sections: Iterable[str] = tuple(SECTIONS)) -> Report:
-    """Start the agent, run each section on a fresh simulated node, return the report."""
+    """`meshlens check`, then the agent with each section on a fresh simulated node: the report."""
     report: Report = {"kernel": os.uname().release, "sections": {}}
+    started = time.monotonic()
+    report["check"] = meshlens_check()
+    report["check_seconds"] = round(time.monotonic() - started, 1)
     started = time.monotonic()
     agent = AgentProcess(sweep_interval=0.5).start(timeout=AGENT_START_S)
     try:
@@ -291,7 +322,7 @@ def run(sections: Iterable[str] = tuple(SECTIONS)) -> Report:
                 t0 = time.monotonic()
                 report["sections"][name] = SECTIONS[name](node, agent)
                 report["sections"][name]["seconds"] = round(time.monotonic() - t0, 1)
-        report["agent_lost_events"] = int(agent.total("meshlens_agent_events_lost_total"))
+        report["agent_lost_events"] = Scrape(agent).total("meshlens_agent_events_lost_total")
     finally:
         report["agent_exit_code"] = agent.stop()
     left = cleanup_leftovers()
@@ -303,7 +334,8 @@ def run(sections: Iterable[str] = tuple(SECTIONS)) -> Report:
 
 def mismatches(report: Report) -> List[str]:
     """Every section key where meshlens and the ground truth differ, and anything left behind."""
-    bad = [f"{name}.{k}: truth {sec['truth'][k]!r}, meshlens {sec['meshlens'].get(k)!r}"
+    bad = [] if report["check"]["returncode"] == 0 else [f"meshlens check failed:\n{report['check']['output']}"]
+    bad += [f"{name}.{k}: truth {sec['truth'][k]!r}, meshlens {sec['meshlens'].get(k)!r}"
            for name, sec in report["sections"].items() for k in sec["truth"] if sec["truth"][k] != sec["meshlens"].get(k)]
     retrans = report["sections"].get("retransmits", {}).get("truth", {}).get("sender_retransmitted_segments")
     if retrans == 0:
