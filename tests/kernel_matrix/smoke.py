@@ -6,7 +6,8 @@ the agent process and its /metrics from agent_proc.py, exact TCP traffic from
 tcp_workload.py, nginx from servers.py. Every section gives `truth` (what the workload,
 nginx's access log or the pod's /proc/net/snmp say) and `meshlens` (the agent's /metrics,
 filtered to the section's pods) with the same keys; tests/kernel_matrix/test_kernel_matrix.py
-asserts they are equal. Sizes are odd and small: under TCG the whole run takes about a minute.
+asserts they are equal. Sizes are odd and small: under TCG the whole run takes 2-3 minutes
+with the agent start (Python and the BPF verifier run emulated).
 
     python -m tests.kernel_matrix.smoke [SECTION...]   # prints the JSON report; exit 1 on a mismatch
 """
