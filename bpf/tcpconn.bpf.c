@@ -325,9 +325,8 @@ int BPF_PROG(fexit_tcp_sendpage, struct sock *sk, struct page *page, int offset,
 }
 
 /* Bytes a recvmsg returned, MSG_PEEK excluded, as sock_recv_length counts them.
- * (tcp_cleanup_rbuf, the usual hook, sees peeked bytes and, when a MSG_WAITALL read
- * blocks part-way, the same bytes twice.) tcp_recvmsg lost its `nonblock` argument in
- * 5.19, so flags are found by argument count. */
+ * (tcp_cleanup_rbuf, the usual hook, counts peeked bytes too: measured on 6.1.)
+ * tcp_recvmsg lost its `nonblock` argument in 5.19, so flags are found by argument count. */
 SEC("fexit/tcp_recvmsg")
 int fexit_tcp_recvmsg(unsigned long long *ctx)
 {

@@ -35,7 +35,7 @@ HTTP_REQUESTS = (("/status/200", 11), ("/status/404", 5), ("/status/503", 3), ("
                  ("/bytes/4099", 7))
 REFUSED_CONNECTS = 7
 BULK_BYTES, LOSS = 3_000_017, 0.10
-# Reads with MSG_PEEK first, then one MSG_WAITALL read that must wait for the second part.
+# Reads with MSG_PEEK first, then one MSG_WAITALL read of a response sent in two parts.
 PEEK_CONNECTIONS, PEEK_PARTS, PEEKED = 5, (1021, 2039), 64
 WAIT_S = 60.0
 AGENT_START_S = 240.0  # loading and verifying l7.bpf.o takes ~20 s under TCG
@@ -69,7 +69,7 @@ for _ in range(count):
     conn, _ = ls.accept()
     for i, n in enumerate(parts):
         if i:
-            time.sleep(0.05)  # the client's MSG_WAITALL read blocks part-way
+            time.sleep(0.3)  # the second part comes later: MSG_WAITALL waits for it
         conn.sendall(b"p" * n)
         sent += n
     conn.close()
