@@ -223,23 +223,15 @@ __noinline int ml_consume(__u64 ptr, __u64 len)
 /* Classify the first bytes of a connection not seen before. */
 static __always_inline __u8 classify(__u64 ptr, __u64 len, __u8 is_write)
 {
-	__u32 w = 0;
+	__u64 w = 0;
+	__u32 n = len >= 8 ? 8 : 4;
 
-	if (len < 4 || bpf_probe_read_user(&w, 4, (void *)ptr))
+	if (len < 4 || bpf_probe_read_user(&w, n, (void *)ptr))
 		return ML_ROLE_NOT_HTTP;
-	w = bpf_ntohl(w);
-	switch (w) {
-	case 0x47455420: /* "GET " */
-	case 0x504f5354: /* POST */
-	case 0x50555420: /* "PUT " */
-	case 0x44454c45: /* DELE */
-	case 0x48454144: /* HEAD */
-	case 0x4f505449: /* OPTI */
-	case 0x50415443: /* PATC */
-	case 0x434f4e4e: /* CONN */
-	case 0x54524143: /* TRAC */
+	switch (ml_start_kind(w, n)) {
+	case 1:
 		return is_write ? ML_ROLE_CLIENT : ML_ROLE_SERVER;
-	case 0x48545450: /* HTTP: a response first: the connection predates us */
+	case 2: /* a response first: the connection predates us */
 		return ML_ROLE_UNKNOWN;
 	}
 	return ML_ROLE_NOT_HTTP;

@@ -358,6 +358,56 @@ static __always_inline void giveup(struct scratch *sc, __u32 reason)
 	sc->stop = STOP_GIVEUP;
 }
 
+/* RFC 9110 tchar: any of them may make up a method token. */
+static __always_inline int ml_is_tchar(__u8 c)
+{
+	if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+		return 1;
+	switch (c) {
+	case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
+	case '-': case '.': case '^': case '_': case '`': case '|': case '~':
+		return 1;
+	}
+	return 0;
+}
+
+#define METHOD_MAX 20   /* longest method token followed */
+
+/* What the first bytes of a stream (or of a segment) start, given as a little-endian word of
+ * its first `len` (<= 8) bytes: 1 = a request line (a method token of 3+ characters beginning
+ * with a capital, then a space, after an empty line, which RFC 9112 §2.2 lets a server
+ * ignore), 2 = a status line ("HTTP/1."), 0 = neither. */
+static __always_inline int ml_start_kind(__u64 w, __u32 len)
+{
+	__u32 i, o = 0;
+	__u8 c;
+
+	if (len > 8)
+		len = 8;
+	if (len >= 2 && (w & 0xffff) == 0x0a0d) {
+		o = 2;
+		w >>= 16;
+	}
+	if (len < o + 4)
+		return 0;
+	if (!o && (__u32)w == 0x50545448U) /* "HTTP" */
+		return (len >= 7 && ((w >> 32) & 0xffffff) == 0x2e312f) ? 2 : 0; /* "/1." */
+	c = w & 0xff;
+	if (c < 'A' || c > 'Z')
+		return 0;
+#pragma unroll
+	for (i = 1; i < 8; i++) {
+		if (o + i >= len)
+			return o ? 1 : 0;  /* after an empty line, a capital and tchars is enough */
+		c = (w >> (8 * i)) & 0xff;
+		if (c == ' ')
+			return i >= 3 ? 1 : 0;
+		if (!ml_is_tchar(c))
+			return 0;
+	}
+	return 1;  /* a long method token: the byte parser decides */
+}
+
 static __always_inline __u8 method_of(__u64 acc)
 {
 	switch (acc) {
@@ -920,13 +970,12 @@ static long step(__u32 index, void *ctx)
 		return 0;
 	case S_METHOD:
 		if (c == ' ') {
+			/* a valid token outside RFC 9110 + PATCH is still a request: _OTHER */
 			s->method = method_of(s->acc);
-			if (s->method == ML_M_UNKNOWN)
-				goto bad_start;
 			s->state = S_PATH;
 			return 0;
 		}
-		if (c < 'A' || c > 'Z' || s->pos >= 8)
+		if (!ml_is_tchar(c) || s->pos >= METHOD_MAX)
 			goto bad_start;
 		s->acc = (s->acc << 8) | c;
 		s->pos++;

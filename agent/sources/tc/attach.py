@@ -41,8 +41,9 @@ NAME_PREFIX = "meshlens-tc-"
 TCA_BPF_ID = 11
 
 
-def filter_name(direction: str) -> str:
-    return f"{NAME_PREFIX}{direction}"
+def filter_name(direction: str, kind: str = "") -> str:
+    """`meshlens-tc-ingress` (interface counters) or `meshlens-tc-<kind>-ingress` (e.g. `l7`)."""
+    return f"{NAME_PREFIX}{kind + '-' if kind else ''}{direction}"
 
 
 def default_handle() -> int:
@@ -172,8 +173,10 @@ class TcAttacher:
     Thread-safe: the link watcher attaches from its thread, the source detaches on stop.
     """
 
-    def __init__(self, prog_fds: Dict[str, int], handle: Optional[int] = None, prio: int = FILTER_PRIO) -> None:
+    def __init__(self, prog_fds: Dict[str, int], handle: Optional[int] = None, prio: int = FILTER_PRIO,
+                 kind: str = "") -> None:
         self.prog_fds = dict(prog_fds)  # direction -> program fd
+        self.kind = kind                # filter name part: "" (counters) or "l7"
         self.handle = handle if handle is not None else default_handle()
         self.prio = prio
         self.attached: Dict[int, Attachment] = {}
@@ -209,7 +212,7 @@ class TcAttacher:
 
     def _add_filter(self, ipr: IPRoute, ifindex: int, direction: str, fd: int) -> None:
         try:
-            ipr.tc("add-filter", "bpf", ifindex, self.handle, fd=fd, name=filter_name(direction),
+            ipr.tc("add-filter", "bpf", ifindex, self.handle, fd=fd, name=filter_name(direction, self.kind),
                    parent=PARENTS[direction], classid=1, direct_action=True, prio=self.prio, protocol=ETH_P_ALL)
         except NetlinkError as exc:
             raise TcAttachError(f"ifindex {ifindex}: cannot add {direction} filter: {exc}") from exc
