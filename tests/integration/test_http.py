@@ -1,7 +1,7 @@
 """HTTP/1.x golden signals against ground truth: nginx's access log and wrk's own report.
 
-nginx runs in pod "web", clients in pod "client"; the agent's HTTP source (l7.bpf.c on the
-syscall tracepoints) runs in this process. Every comparison is filtered to the pods' cgroup
+nginx runs in pod "web", clients in pod "client"; the agent's HTTP source runs in this process,
+once on each L7 path: l7.bpf.c on the syscall tracepoints, l7pkt.bpf.c on the pod veths. Every comparison is filtered to the pods' cgroup
 and netns, and taken as a difference over the test, so concurrent traffic on the machine
 cannot leak in.
 """
@@ -12,8 +12,10 @@ from typing import Iterator
 import pytest
 
 from meshlens.agent.sources.l7.http import HttpSource
+from meshlens.agent.sources.l7.packets import PacketHttpSource
 from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S
 from tests.integration.l7_helpers import (
+    L7_SOURCES,
     counts_by_request,
     diff_counts,
     duration_buckets,
@@ -112,9 +114,10 @@ print("done")
 EXPECTED_REQUESTS = 30  # requests CLIENT makes (each one line in nginx's access log)
 
 
-@pytest.fixture(scope="module")
-def l7() -> Iterator[HttpSource]:
-    yield from started_source()
+@pytest.fixture(scope="module", params=L7_SOURCES)
+def l7(request) -> Iterator[HttpSource]:
+    """Every test runs on both L7 paths: syscall tracepoints and packets at the pod veths."""
+    yield from started_source(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +302,7 @@ print("done", flush=True)
 '''
 
 
-def test_agent_started_mid_connection(env) -> None:
+def test_agent_started_mid_connection(l7, env) -> None:
     """Keep-alive connections that predate the agent: the requests after its start count,
     nothing before does, nothing is invented."""
     import subprocess
@@ -310,7 +313,7 @@ def test_agent_started_mid_connection(env) -> None:
                         stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        gen = started_source()
+        gen = started_source("packets" if isinstance(l7, PacketHttpSource) else "syscalls")
         src = next(gen)
         try:
             n_log = len(nginx.access_log_entries())

@@ -18,7 +18,9 @@ so a restarted agent never stacks a second copy and a concurrently running agent
 """
 from __future__ import annotations
 
+import collections
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -46,9 +48,14 @@ def filter_name(direction: str, kind: str = "") -> str:
     return f"{NAME_PREFIX}{kind + '-' if kind else ''}{direction}"
 
 
-def default_handle() -> int:
-    """Our filters' handle: the agent's pid (non-zero, unique among live agents)."""
-    return os.getpid() & 0xFFFFFFFF or 1
+_attachers: Dict[int, "itertools.count[int]"] = collections.defaultdict(itertools.count)
+
+
+def default_handle(prio: int = 0) -> int:
+    """Our filters' handle: the agent's pid (non-zero, unique among live agents). A second
+    attacher at the same priority in one process (tests run two agents' worth of sources in
+    one process) adds its number above the pid's 22 bits."""
+    return ((next(_attachers[prio]) & 0x3FF) << 22 | (os.getpid() & 0x3FFFFF)) or 1
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,7 @@ class TcAttacher:
                  kind: str = "") -> None:
         self.prog_fds = dict(prog_fds)  # direction -> program fd
         self.kind = kind                # filter name part: "" (counters) or "l7"
-        self.handle = handle if handle is not None else default_handle()
+        self.handle = handle if handle is not None else default_handle(prio)
         self.prio = prio
         self.attached: Dict[int, Attachment] = {}
         self._lock = threading.Lock()
