@@ -228,7 +228,7 @@ static __always_inline __u8 classify(__u64 ptr, __u64 len, __u8 is_write)
 
 	if (len < 4 || bpf_probe_read_user(&w, n, (void *)ptr))
 		return ML_ROLE_NOT_HTTP;
-	switch (ml_start_kind(w, n)) {
+	switch (ml_start_kind(w, n, 0)) {
 	case 1:
 		return is_write ? ML_ROLE_CLIENT : ML_ROLE_SERVER;
 	case 2: /* a response first: the connection predates us */

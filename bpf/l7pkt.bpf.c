@@ -204,8 +204,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return 1; /* fragment (or more to come): no L7 from fragments */
 		l4 = off + (ip.ver_ihl & 0x0f) * 4;
 		end = off + bpf_ntohs(ip.tot_len);
-		if (!ip.tot_len || end > skb->len)
-			end = skb->len; /* BIG TCP / GSO packets say 0 */
+		if (!ip.tot_len)
+			end = skb->len; /* BIG TCP packets say 0 */
+		else if (end > skb->len || bpf_ntohs(ip.tot_len) < (ip.ver_ihl & 0x0f) * 4)
+			return -1;      /* cut short, or a length that is a lie: nothing to trust */
 		p->proto = ip.proto;
 		p->key.family = AF_INET;
 		if (p->dir == DIR_OUT) {
@@ -220,8 +222,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return -1;
 		l4 = off + sizeof(ip6);
 		end = l4 + bpf_ntohs(ip6.payload_len);
-		if (!ip6.payload_len || end > skb->len)
-			end = skb->len;
+		if (!ip6.payload_len)
+			end = skb->len; /* jumbo / BIG TCP */
+		else if (end > skb->len)
+			return -1;
 		p->proto = ip6.nexthdr;
 		p->key.family = AF_INET6;
 		if (p->dir == DIR_OUT) {
@@ -274,14 +278,16 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 
 /* Does the payload at `off` start a request (a method token and a space) or a status line
  * ("HTTP/1.")? 1 = request, 2 = response, 0 = neither. */
-static __always_inline int starts_message(struct __sk_buff *skb, __u32 off, __u32 len)
+static __always_inline int starts_message(struct __sk_buff *skb, __u32 off, __u32 len, int strict)
 {
 	__u64 w = 0;
 	__u32 n = len >= 8 ? 8 : 4;
 
-	if (len < 4 || bpf_skb_load_bytes(skb, off, &w, n))
+	if (len < 4)
+		n = len;
+	if (n == 0 || bpf_skb_load_bytes(skb, off, &w, n & 7 ? n & 7 : 8))
 		return 0;
-	return ml_start_kind(w, n);
+	return ml_start_kind(w, n, strict);
 }
 
 /* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream. */
@@ -416,7 +422,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 		 * follow it from a segment that starts a request; a response first tells nothing */
 		struct pconn *fresh;
 
-		if (starts_message(skb, off, len) != 1)
+		if (starts_message(skb, off, len, 1) != 1)
 			return;
 		fresh = fresh_pconn();
 		if (!fresh)
@@ -434,7 +440,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	}
 	if (pc->c.role == ML_ROLE_UNKNOWN) {
 		/* first payload after a handshake we saw: decide what this connection is */
-		if (starts_message(skb, off, len) == 1) {
+		if (starts_message(skb, off, len, 0) == 1) {
 			pc->c.role = dir == DIR_OUT ? ML_ROLE_CLIENT : ML_ROLE_SERVER;
 		} else {
 			pc->c.role = ML_ROLE_NOT_HTTP;
@@ -469,7 +475,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 		/* resynchronise only where this direction starts a message it may carry */
 		int want = ((pc->c.role == ML_ROLE_SERVER) == (dir == DIR_IN)) ? 1 : 2;
 
-		if (starts_message(skb, off, len) != want)
+		if (starts_message(skb, off, len, 1) != want)
 			goto flags;
 		count(ML_L7_PKT_RESYNC);
 		pc->flags |= syncbit;

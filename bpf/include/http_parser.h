@@ -65,6 +65,7 @@ struct stream {
 #define SEG_START (SEG_ALL_DIGIT | SEG_ALL_HEX | SEG_ALL_TOKEN)
 
 #define PF_REQ_SIZE 1
+#define PF_HDR_DONE 2   /* the request's header section ended: only then can it be answered */
 
 struct pending {
 	__u64 start_ns;
@@ -376,8 +377,9 @@ static __always_inline int ml_is_tchar(__u8 c)
 /* What the first bytes of a stream (or of a segment) start, given as a little-endian word of
  * its first `len` (<= 8) bytes: 1 = a request line (a method token of 3+ characters beginning
  * with a capital, then a space, after an empty line, which RFC 9112 §2.2 lets a server
- * ignore), 2 = a status line ("HTTP/1."), 0 = neither. */
-static __always_inline int ml_start_kind(__u64 w, __u32 len)
+ * ignore), 2 = a status line ("HTTP/1."), 0 = neither. Not strict, a short segment of a
+ * capital and tchars (a request written a byte at a time) counts as a request's start. */
+static __always_inline int ml_start_kind(__u64 w, __u32 len, int strict)
 {
 	__u32 i, o = 0;
 	__u8 c;
@@ -388,17 +390,17 @@ static __always_inline int ml_start_kind(__u64 w, __u32 len)
 		o = 2;
 		w >>= 16;
 	}
-	if (len < o + 4)
+	if (len <= o || (strict && len < o + 4))
 		return 0;
-	if (!o && (__u32)w == 0x50545448U) /* "HTTP" */
+	if (!o && len >= 4 && (__u32)w == 0x50545448U) /* "HTTP" */
 		return (len >= 7 && ((w >> 32) & 0xffffff) == 0x2e312f) ? 2 : 0; /* "/1." */
 	c = w & 0xff;
 	if (c < 'A' || c > 'Z')
 		return 0;
-#pragma unroll
 	for (i = 1; i < 8; i++) {
-		if (o + i >= len)
-			return o ? 1 : 0;  /* after an empty line, a capital and tchars is enough */
+		if (o + i >= len)  /* a capital and tchars up to the end: a request's start, unless
+		                    * the caller needs the whole method (resynchronising) */
+			return (o || !strict) ? 1 : 0;
 		c = (w >> (8 * i)) & 0xff;
 		if (c == ' ')
 			return i >= 3 ? 1 : 0;
@@ -560,6 +562,8 @@ __noinline int ml_headers_done(void)
 	c = &sc->c;
 
 	if (sc->is_req) {
+		if (c->tail != c->head)
+			c->fifo[(__u8)(c->tail - 1) & (FIFO - 1)].flags |= PF_HDR_DONE;
 		if (s->flags & SF_CHUNKED) {
 			s->state = S_CHUNK_SIZE;
 			s->acc = 0;
@@ -586,7 +590,10 @@ __noinline int ml_headers_done(void)
 	} else {
 		p = &c->fifo[c->head & (FIFO - 1)];
 		head_method = p->method;
-		record(sc, p, s);
+		if (p->flags & PF_HDR_DONE)
+			record(sc, p, s);
+		else
+			count(ML_L7_ERR_UNPAIRED_RESPONSE); /* answered before it was whole: not counted */
 		c->head++;
 	}
 	if (s->status == 101 || (head_method == ML_M_CONNECT && s->status >= 200 && s->status < 300)) {
