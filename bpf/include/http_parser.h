@@ -65,7 +65,7 @@ struct stream {
 #define SEG_START (SEG_ALL_DIGIT | SEG_ALL_HEX | SEG_ALL_TOKEN)
 
 #define PF_REQ_SIZE 1
-#define PF_HDR_DONE 2   /* the request's header section ended: only then can it be answered */
+#define PF_LINE_DONE 2  /* the request line ended with a valid HTTP/1.x version */
 
 struct pending {
 	__u64 start_ns;
@@ -519,6 +519,15 @@ __noinline int ml_request_started(void)
 	return 0;
 }
 
+/* The newest queued request's line ended well: it may now be answered. */
+static __always_inline void request_line_done(struct scratch *sc)
+{
+	struct conn *c = &sc->c;
+
+	if (c->tail != c->head)
+		c->fifo[(__u8)(c->tail - 1) & (FIFO - 1)].flags |= PF_LINE_DONE;
+}
+
 /* The newest queued request's body size is now known. */
 static __always_inline void request_body_known(struct scratch *sc, __u64 size)
 {
@@ -562,8 +571,6 @@ __noinline int ml_headers_done(void)
 	c = &sc->c;
 
 	if (sc->is_req) {
-		if (c->tail != c->head)
-			c->fifo[(__u8)(c->tail - 1) & (FIFO - 1)].flags |= PF_HDR_DONE;
 		if (s->flags & SF_CHUNKED) {
 			s->state = S_CHUNK_SIZE;
 			s->acc = 0;
@@ -590,10 +597,10 @@ __noinline int ml_headers_done(void)
 	} else {
 		p = &c->fifo[c->head & (FIFO - 1)];
 		head_method = p->method;
-		if (p->flags & PF_HDR_DONE)
+		if (p->flags & PF_LINE_DONE)
 			record(sc, p, s);
 		else
-			count(ML_L7_ERR_UNPAIRED_RESPONSE); /* answered before it was whole: not counted */
+			count(ML_L7_ERR_UNPAIRED_RESPONSE); /* answered before its request line ended */
 		c->head++;
 	}
 	if (s->status == 101 || (head_method == ML_M_CONNECT && s->status >= 200 && s->status < 300)) {
@@ -887,6 +894,12 @@ static __always_inline __u32 fast_path(struct scratch *sc, struct stream *s)
 			return 0;
 		goto to_newline;
 	case S_REQ_VERSION:
+		if (s->pos == 0 && (w == LE_HTTP11 || w == LE_HTTP10)) {
+			s->pos = 8;
+			s->hdr_bytes += 8;
+			return 8;
+		}
+		return 0;
 	case S_REASON:
 		goto to_newline;
 	case S_QUERY:
@@ -918,6 +931,19 @@ to_newline:
 	return b;
 }
 
+/* More header bytes than HDR_MAX. A request whose line was read may still be answered (a
+ * server refuses it with 431/400 before reading it all): it stays queued and the rest of its
+ * stream is no longer followed. Anything else: the connection is given up. Counted both ways. */
+static __always_inline void header_too_large(struct scratch *sc, struct stream *s)
+{
+	if (sc->is_req && s->state == S_HEADERS) {
+		count(ML_L7_ERR_HEADER_TOO_LARGE);
+		s->state = S_EOF;
+		return;
+	}
+	giveup(sc, ML_L7_ERR_HEADER_TOO_LARGE);
+}
+
 struct loop_ctx {
 	struct scratch *sc;
 };
@@ -941,7 +967,7 @@ static long step(__u32 index, void *ctx)
 	if (fast) {
 		sc->pos += fast;
 		if (s->hdr_bytes > HDR_MAX) {
-			giveup(sc, ML_L7_ERR_HEADER_TOO_LARGE);
+			header_too_large(sc, s);
 			return 1;
 		}
 		return 0;
@@ -951,7 +977,7 @@ static long step(__u32 index, void *ctx)
 
 	if (s->state != S_START && s->state <= S_HEADERS) {
 		if (++s->hdr_bytes > HDR_MAX) {
-			giveup(sc, ML_L7_ERR_HEADER_TOO_LARGE);
+			header_too_large(sc, s);
 			return 1;
 		}
 	}
@@ -989,13 +1015,13 @@ static long step(__u32 index, void *ctx)
 		return 0;
 	case S_PATH:
 		if (c == ' ' || c == '?' || c == '#' || c == '\r' || c == '\n') {
+			if (c == '\r' || c == '\n')
+				goto bad_start; /* no HTTP version: HTTP/0.9 or not HTTP at all */
 			end_segment(s);
 			ml_request_started();
 			s->state = c == ' ' ? S_REQ_VERSION : S_QUERY;
-			if (c == '\n') {
-				s->state = S_HEADERS; /* HTTP/0.9-style line: headers follow anyway */
-				s->pos = 0;
-			}
+			s->pos = 0;
+			s->acc = 0;
 			return 0;
 		}
 		if (s->path_len < ML_PATH_MAX) {
@@ -1005,14 +1031,34 @@ static long step(__u32 index, void *ctx)
 		}
 		return 0;
 	case S_QUERY:
-		if (c == ' ')
+		if (c == ' ') {
 			s->state = S_REQ_VERSION;
-		else if (c == '\n') {
-			s->state = S_HEADERS;
 			s->pos = 0;
+			s->acc = 0;
+		} else if (c == '\n') {
+			goto bad_start;
 		}
 		return 0;
 	case S_REQ_VERSION:
+		/* "HTTP/1." digit, then CRLF (or a bare LF) */
+		if (s->pos < 7) {
+			s->acc = (s->acc << 8) | c;
+			if (s->pos == 6 && s->acc != HTTP1_7)
+				goto bad_start;
+		} else if (s->pos == 7) {
+			if (c < '0' || c > '9')
+				goto bad_start;
+		} else if (c == '\n') {
+			request_line_done(sc);
+			s->state = S_HEADERS;
+			s->pos = 0;
+			s->hmatch = 0;
+			return 0;
+		} else if (c != '\r' || s->pos != 8) {
+			goto bad_start;
+		}
+		s->pos++;
+		return 0;
 	case S_REASON:
 		if (c == '\n') {
 			s->state = S_HEADERS;
