@@ -16,7 +16,9 @@
 #define WIN 512               /* bytes copied per parse window */
 #define MAX_WINDOWS 16        /* parse windows per segment (header scan budget 8 KiB) */
 #define HDR_MAX 16384         /* request/response header bytes per message */
-#define FIFO 8                /* pending requests per connection (pipelining) */
+#ifndef FIFO
+#define FIFO 8                /* pending requests per connection (pipelining); a power of 2 */
+#endif
 
 /* Knob, set by the agent before load. */
 const volatile __u32 sample_every = 0;   /* 0: no tap records; N: one request in N */
