@@ -86,6 +86,42 @@ struct {
 	__type(value, __u8);
 } dns_socks SEC(".maps");
 
+/* Network namespaces whose pod veth the packet path (l7pkt.bpf.c) parses: their sockets'
+ * traffic to non-loopback peers is counted there, so it is skipped here (counted once). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);             /* netns inode */
+	__type(value, __u8);
+} pkt_netns SEC(".maps");
+
+static __always_inline int is_loopback(__u16 family, const __u8 *a)
+{
+	if (family == AF_INET)
+		return a[0] == 127;
+	/* ::1, or ::ffff:127.x.y.z */
+	if (*(__u64 *)a != 0)
+		return 0;
+	if (*(__u32 *)(a + 8) == 0 && *(__u32 *)(a + 12) == bpf_htonl(1))
+		return 1;
+	return *(__u32 *)(a + 8) == bpf_htonl(0xffff) && a[12] == 127;
+}
+
+static __always_inline int is_unspecified(__u16 family, const __u8 *a)
+{
+	if (family == AF_INET)
+		return *(__u32 *)a == 0;
+	return *(__u64 *)a == 0 && *(__u64 *)(a + 8) == 0;
+}
+
+/* Is this peer, for a socket in netns, reached through a pod veth the packet path parses? */
+static __always_inline int seen_by_packets(__u32 netns, __u16 family, const __u8 *peer)
+{
+	if (!bpf_map_lookup_elem(&pkt_netns, &netns))
+		return 0;
+	return !is_loopback(family, peer) && !is_unspecified(family, peer);
+}
+
 /* ---- fd -> sock ------------------------------------------------------------------- */
 
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
@@ -127,6 +163,17 @@ static __always_inline int stash(void *ctx, int fd, __u64 buf, __u64 addr, __u32
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
 	proto = sk->sk_protocol;
+	{
+		__u8 peer[16] = {};
+		__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
+
+		if (family == AF_INET)
+			*(__u32 *)peer = sk->__sk_common.skc_daddr;
+		else
+			__builtin_memcpy(peer, &sk->__sk_common.skc_v6_daddr, 16);
+		if (seen_by_packets(netns, family, peer))
+			return 0;
+	}
 	if (proto == IPPROTO_TCP) {
 		key = (__u64)sk;
 		struct conn *c = bpf_map_lookup_elem(&http_conns, &key);
@@ -405,6 +452,11 @@ static __always_inline void dns_one(struct l7_args *a, __u64 msghdr, __u64 ptr, 
 		return;
 	}
 	dns_peer(a, msghdr, e);
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	if (seen_by_packets(e->netns, e->family, e->server_addr)) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return;
+	}
 	if (e->server_port != 53 && !(!a->is_write && bpf_map_lookup_elem(&dns_socks, &key))) {
 		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 		return;
@@ -423,7 +475,6 @@ static __always_inline void dns_one(struct l7_args *a, __u64 msghdr, __u64 ptr, 
 	e->ts_ns = bpf_ktime_get_ns();
 	e->sk = key;
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	e->tgid = bpf_get_current_pid_tgid() >> 32;
 	e->dir = a->is_write ? ML_DNS_QUERY : ML_DNS_RESPONSE;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));

@@ -99,13 +99,12 @@ L7_SOURCES = ("syscalls", "packets")
 def started_source(l7_source: str = "syscalls", **kw) -> Iterator[HttpSource]:
     """The L7 sources run by the agent's own loop (runner.Agent) in a thread, as in
     `meshlens run`: ring buffers are polled continuously, maps swept every 0.1 s.
-    l7_source: "syscalls" (l7.bpf.c) or "packets" (l7pkt.bpf.c on the pod veths)."""
-    from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
-    from meshlens.agent.sources.l7.packets import packet_l7_sources
+    l7_source: "syscalls" (l7.bpf.c), "packets" (l7pkt.bpf.c on the pod veths) or "auto" (both)."""
+    from meshlens.agent.sources.l7.http import HttpConfig
+    from meshlens.agent.sources.l7.select import l7_sources_for
     from meshlens.agent.runner import Agent, AgentConfig
 
-    make = packet_l7_sources if l7_source == "packets" else l7_sources
-    sources = make(HttpConfig(**kw))
+    sources = l7_sources_for(l7_source, HttpConfig(**kw))
     agent = Agent(AgentConfig(sweep_interval_s=0.1, poll_timeout_ms=50), sources=sources)
     src = sources[0]
     src.test_agent = agent  # type: ignore[attr-defined]

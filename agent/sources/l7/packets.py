@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.attach import load_with_fallback
@@ -24,6 +24,9 @@ from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
 from meshlens.agent.sources.l7.structs import L7PktRodata, MlPktIface
 from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
 from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo, LinkWatcher, NetnsResolver
+
+if TYPE_CHECKING:
+    from meshlens.agent.sources.l7.dns import DnsTracker
 
 log = logging.getLogger("meshlens.http")
 
@@ -35,8 +38,9 @@ class PacketHttpSource(HttpSource):
     """HttpSource whose kernel half is l7pkt.bpf.o on the pod veths instead of syscalls."""
 
     def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
-                 on_pod_netns: Optional[Callable[[int, bool], None]] = None, watch: bool = True) -> None:
-        super().__init__(config, features)
+                 on_pod_netns: Optional[Callable[[int, bool], None]] = None, watch: bool = True,
+                 dns: Optional["DnsTracker"] = None) -> None:
+        super().__init__(config, features, dns)
         self.watch = watch
         self.on_pod_netns = on_pod_netns   # (netns inode, covered?) for the syscall path's exclusion
         self.attacher: Optional[TcAttacher] = None

@@ -43,9 +43,12 @@ NAME_PREFIX = "meshlens-tc-"
 TCA_BPF_ID = 11
 
 
+NAME_PREFIXES = (NAME_PREFIX, "meshlens-l7-")   # interface counters; L7 from packets
+
+
 def filter_name(direction: str, kind: str = "") -> str:
-    """`meshlens-tc-ingress` (interface counters) or `meshlens-tc-<kind>-ingress` (e.g. `l7`)."""
-    return f"{NAME_PREFIX}{kind + '-' if kind else ''}{direction}"
+    """`meshlens-tc-ingress` (interface counters) or `meshlens-<kind>-ingress` (`l7`)."""
+    return f"meshlens-{kind}-{direction}" if kind else f"{NAME_PREFIX}{direction}"
 
 
 _attachers: Dict[int, "itertools.count[int]"] = collections.defaultdict(itertools.count)
@@ -111,7 +114,7 @@ def list_filters(ipr: IPRoute, ifindex: int) -> List[TcFilter]:
 
 
 def our_filters(ipr: IPRoute, ifindex: int) -> List[TcFilter]:
-    return [f for f in list_filters(ipr, ifindex) if f.name.startswith(NAME_PREFIX)]
+    return [f for f in list_filters(ipr, ifindex) if f.name.startswith(NAME_PREFIXES)]
 
 
 def delete_filter(ipr: IPRoute, f: TcFilter) -> bool:
