@@ -228,10 +228,30 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 }
 
 /* Parse one contiguous user buffer of `len` bytes as the next bytes of the stream. */
-__noinline int ml_consume(__u64 ptr, __u64 len)
+/* Copy one window of user memory (1..WIN bytes) and run the byte parser over it. Global:
+ * verified once, whatever state the caller's loop is in. Returns bytes consumed. */
+__noinline int ml_user_window(__u64 ptr, __u64 n)
 {
 	struct scratch *sc = get_scratch();
 	struct loop_ctx lc;
+
+	if (!sc || n == 0)
+		return 0;
+	n = ((n - 1) & (WIN - 1)) + 1;
+	if (bpf_probe_read_user(sc->buf, n, (void *)ptr)) {
+		sc->stop = STOP_QUIET; /* unreadable user memory: leave the stream as it is */
+		return 0;
+	}
+	sc->pos = 0;
+	sc->n = n;
+	lc.sc = sc;
+	bpf_loop(WIN, step, &lc, 0);
+	return sc->pos;
+}
+
+__noinline int ml_consume(__u64 ptr, __u64 len)
+{
+	struct scratch *sc = get_scratch();
 	struct stream *s;
 	__u64 off = 0, n;
 	int w;
@@ -249,15 +269,7 @@ __noinline int ml_consume(__u64 ptr, __u64 len)
 		n = len - off;
 		if (n > WIN)
 			n = WIN;
-		if (bpf_probe_read_user(sc->buf, n, (void *)(ptr + off))) {
-			sc->stop = STOP_QUIET; /* unreadable user memory: leave the stream as it is */
-			return 0;
-		}
-		sc->pos = 0;
-		sc->n = n;
-		lc.sc = sc;
-		bpf_loop(WIN, step, &lc, 0);
-		off += sc->pos;
+		off += ml_user_window(ptr + off, n);
 	}
 	if (off < len && !sc->stop) {
 		s = sc->is_out ? &sc->c.out : &sc->c.in;

@@ -302,11 +302,32 @@ static __always_inline int starts_message(struct __sk_buff *skb, __u32 off, __u3
 	return ml_start_kind(w, n, strict);
 }
 
+/* Load one window of payload at `off` (1..WIN bytes) and run the byte parser over it.
+ * Global: verified once, whatever state the caller's loop is in. Returns bytes consumed,
+ * 0 when the load failed (the parser then stops quietly). */
+__noinline int ml_pkt_window(struct __sk_buff *skb, __u32 off, __u32 n)
+{
+	struct scratch *sc = get_scratch();
+	struct loop_ctx lc;
+
+	if (!sc || !skb || n == 0)
+		return 0;
+	n = ((n - 1) & (WIN - 1)) + 1;  /* [1, WIN], in a form the verifier follows */
+	if (bpf_skb_load_bytes(skb, off, sc->buf, n)) {
+		sc->stop = STOP_QUIET;
+		return 0;
+	}
+	sc->pos = 0;
+	sc->n = n;
+	lc.sc = sc;
+	bpf_loop(WIN, step, &lc, 0);
+	return sc->pos;
+}
+
 /* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream. */
 __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 {
 	struct scratch *sc = get_scratch();
-	struct loop_ctx lc;
 	struct stream *s;
 	__u32 done = 0, n, scanned = 0;
 	int w;
@@ -324,19 +345,9 @@ __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 		n = len - done;
 		if (n > WIN)
 			n = WIN;
-		if (n == 0)
-			return 0;
-		n = ((n - 1) & (WIN - 1)) + 1;  /* [1, WIN], in a form the verifier follows */
-		if (bpf_skb_load_bytes(skb, off + done, sc->buf, n)) {
-			sc->stop = STOP_QUIET;
-			return 0;
-		}
-		sc->pos = 0;
-		sc->n = n;
-		lc.sc = sc;
-		bpf_loop(WIN, step, &lc, 0);
-		done += sc->pos;
-		scanned += sc->pos;
+		n = ml_pkt_window(skb, off + done, n);
+		done += n;
+		scanned += n;
 		if (scanned > SCAN_MAX)
 			break;
 	}
