@@ -185,6 +185,21 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	}
 }
 
+/* A header at `off`: straight from the linear head when it lies there (no helper call), else
+ * bpf_skb_load_bytes (paged fragments; bounds-checked against skb->len). `len` is constant. */
+#define MAX_DIRECT_OFF 128
+static __always_inline int ld(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= MAX_DIRECT_OFF && data + off + len <= end) {
+		__builtin_memcpy(dst, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, dst, len);
+}
+
 /* Ethernet (+2 VLAN tags), IPv4 (first fragments) or IPv6 (no extension headers), TCP or
  * UDP. Returns 0 when the frame has an L4 payload to look at. */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
@@ -197,20 +212,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	__u16 proto = 0, vlan[2];
 	int i;
 
-	if (bpf_skb_load_bytes(skb, 12, &proto, 2))
+	if (ld(skb, 12, &proto, 2))
 		return -1;
 #pragma unroll
 	for (i = 0; i < 2; i++) {
 		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 			break;
-		if (bpf_skb_load_bytes(skb, off, vlan, 4))
+		if (ld(skb, off, vlan, 4))
 			return -1;
 		proto = vlan[1];
 		off += 4;
 	}
 	__builtin_memset(&p->key, 0, sizeof(p->key));
 	if (proto == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) || (ip.ver_ihl >> 4) != 4)
+		if (ld(skb, off, &ip, sizeof(ip)) || (ip.ver_ihl >> 4) != 4)
 			return -1;
 		if (bpf_ntohs(ip.frag_off) & 0x3fff)
 			return 1; /* fragment (or more to come): no L7 from fragments */
@@ -230,7 +245,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			__builtin_memcpy(p->key.peer_addr, &ip.saddr, 4);
 		}
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) || (bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6)
+		if (ld(skb, off, &ip6, sizeof(ip6)) || (bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6)
 			return -1;
 		l4 = off + sizeof(ip6);
 		end = l4 + bpf_ntohs(ip6.payload_len);
@@ -251,7 +266,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return 1;
 	}
 	if (p->proto == IPPROTO_TCP) {
-		if (l4 + sizeof(th) > end || bpf_skb_load_bytes(skb, l4, &th, sizeof(th)))
+		if (l4 + sizeof(th) > end || ld(skb, l4, &th, sizeof(th)))
 			return -1;
 		doff = (th.doff_res >> 4) * 4;
 		if (doff < sizeof(th) || l4 + doff > end)
@@ -270,7 +285,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return 0;
 	}
 	if (p->proto == IPPROTO_UDP) {
-		if (l4 + sizeof(uh) > end || bpf_skb_load_bytes(skb, l4, &uh, sizeof(uh)))
+		if (l4 + sizeof(uh) > end || ld(skb, l4, &uh, sizeof(uh)))
 			return -1;
 		p->payload_off = l4 + sizeof(uh);
 		p->payload_len = end - p->payload_off;
@@ -406,6 +421,8 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	__u32 seq = p->seq, skip = 0;
 	__s32 delta;
 
+	if (len == 0 && !(f & (TCP_SYN | TCP_FIN | TCP_RST)))
+		return; /* a pure ACK: nothing for L7, and no lookup */
 	pc = bpf_map_lookup_elem(&pkt_conns, &p->key);
 	if (f & TCP_SYN) {
 		/* SYN: a new connection (the 4-tuple may be reused), both directions afresh;
