@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.attach import load_with_fallback
 from meshlens.agent.kernel.features import KernelFeatures
-from meshlens.agent.sources.base import AttachChoice, Source
+from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
 from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
 from meshlens.agent.sources.l7.structs import L7PktRodata, MlPktIface
 from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
@@ -115,7 +115,7 @@ class PacketHttpSource(HttpSource):
         if netns and self.on_pod_netns:
             self.on_pod_netns(netns, False)
 
-    def health(self):
+    def health(self) -> SourceHealth:
         h = super().health()
         h.kernel_counters["attach_errors"] = self.attach_errors
         h.map_entries["pkt_ifaces"] = len(self.interfaces)
