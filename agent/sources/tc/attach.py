@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
@@ -177,6 +178,9 @@ def remove_stale_filters(ifindexes: Optional[Iterable[int]] = None,
     return removed
 
 
+_ATTACH_LOCK = threading.Lock()
+
+
 class TcAttacher:
     """Attaches the ingress/egress programs to interfaces; remembers what it created.
 
@@ -190,7 +194,9 @@ class TcAttacher:
         self.handle = handle if handle is not None else default_handle(prio)
         self.prio = prio
         self.attached: Dict[int, Attachment] = {}
-        self._lock = threading.Lock()
+        # one lock for every attacher of the process: the counters and the L7 programs attach
+        # to the same new veth from two watcher threads, and the clsact check-then-add races
+        self._lock = _ATTACH_LOCK
 
     def attach(self, ifindex: int, ifname: str) -> Attachment:
         with self._lock, IPRoute() as ipr:
@@ -215,9 +221,13 @@ class TcAttacher:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise TcAttachError(f"{ifname}: cannot add clsact qdisc: {exc}") from exc
-        for q in ipr.get_qdiscs(index=ifindex):
-            if q["parent"] == TC_H_CLSACT_PARENT and q.get_attr("TCA_KIND") == "clsact":
-                return False  # shared with whoever created it
+        for attempt in range(5):
+            for q in ipr.get_qdiscs(index=ifindex):
+                if q["parent"] == TC_H_CLSACT_PARENT and q.get_attr("TCA_KIND") == "clsact":
+                    return False  # shared with whoever created it
+            # another process (a second agent) may be adding its clsact right now: the add
+            # said EEXIST before the dump shows it
+            time.sleep(0.02 * (attempt + 1))
         raise TcAttachError(f"{ifname}: an ingress qdisc other than clsact is in the way")
 
     def _add_filter(self, ipr: IPRoute, ifindex: int, direction: str, fd: int) -> None:
