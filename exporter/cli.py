@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
     run.add_argument("--features", default="l4,l7,tc,sat",
-                     help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS from syscalls), "
+                     help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS, see --l7-source), "
                           "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "
                           "conntrack); default %(default)s")
     run.add_argument("--socket-walk-interval", type=float, default=10.0,
