@@ -24,7 +24,8 @@ from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.sources.base import Source
 from meshlens.agent.sources.tcp.source import TcpConfig, TcpSource
 from meshlens.agent.sources.tc.source import TcConfig, TcSource
-from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
+from meshlens.agent.sources.l7.http import HttpConfig
+from meshlens.agent.sources.l7.select import l7_sources_for
 from meshlens.agent.sources.saturation.source import SatConfig, SaturationSource
 from meshlens.agent.aggregate.saturation import summarize
 
@@ -39,6 +40,7 @@ class AgentConfig:
     http: HttpConfig = HttpConfig()
     sat: SatConfig = SatConfig()
     features: Tuple[str, ...] = ("l4", "l7", "tc", "sat")  # which capture layers run (l4 always)
+    l7_source: str = "auto"        # packets | syscalls | auto (agent/sources/l7/select.py)
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
 
@@ -52,7 +54,7 @@ def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Sourc
     flows = FlowTable(config.tcp.max_rollups, config.tcp.rollup_ttl_s)
     sources: List[Source] = [TcpSource(flows, config.tcp, features)]
     if "l7" in config.features:
-        sources += l7_sources(config.http, features)
+        sources += l7_sources_for(config.l7_source, config.http, features)
     if "tc" in config.features:
         sources.append(TcSource(TcConfig(), features))
     if "sat" in config.features:

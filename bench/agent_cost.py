@@ -69,7 +69,13 @@ def _loaded(ctx: Context, agent: BenchAgent, plan: Optional[Dict[str, int]]) -> 
 
 def run(ctx: Context) -> SectionResult:
     res = SectionResult("agent_cost", "2. Agent cost (CPU, memory, kernel time)")
-    mode = ctx.full_mode
+    for mode in ctx.cost_modes:
+        _run_mode(ctx, res, mode, verdicts=mode == ctx.full_mode)
+    return res
+
+
+def _run_mode(ctx: Context, res: SectionResult, mode: str, verdicts: bool) -> None:
+    """Windows at each rate for one agent mode; tables (and, for the full mode, verdicts)."""
     blocks = 1 if ctx.quick else 3
     windows: List[Dict[str, Any]] = []
     agent = BenchAgent(mode).start()
@@ -86,19 +92,20 @@ def run(ctx: Context) -> SectionResult:
     finally:
         agent.stop()
     idle = [w["background"] for w in windows]
-    res.data.update(windows=windows, mode=mode)
+    sfx = "" if verdicts else f"_{mode}"
+    res.data.update({f"windows{sfx}": windows, f"mode{sfx}": mode})
 
     # Background: our programs also fire for other traffic on the machine (other sessions).
     bg_ns_per_s = summarize([w["bpf_ns"] / w["wall_s"] for w in idle])
     bg_ev_per_s = summarize([w["bpf_events"] / w["wall_s"] for w in idle])
     idle_cores = median([w["agent_cores"] for w in idle])
-    res.intro = (f"Agent: {ctx.mode_label(mode)}, sweep interval 1 s. {blocks} round(s) per rate, {ctx.seconds} s each; "
+    res.intro += (f"Agent: {ctx.mode_label(mode)}, sweep interval 1 s. {blocks} round(s) per rate, {ctx.seconds} s each; "
                  f"nginx {SMALL} B keep-alive. Before each loaded window a {BACKGROUND_S:g} s idle window measures the "
                  f"background: idle, the agent used {idle_cores * 100:.2f}% of a core (median) and its programs ran "
                  f"{fmt_summary(bg_ev_per_s)} times/s for {fmt_summary(bg_ns_per_s)} ns/s on other traffic of the "
                  f"machine (other sessions' pods: the tc programs attach to every pod veth). 'net' columns subtract "
                  f"the background rate measured just before each window; 'raw' does not.")
-    t = Table("Agent process and kernel cost by request rate",
+    t = Table(f"Agent process and kernel cost by request rate — {ctx.mode_label(mode)}",
               ["offered", "achieved req/s", "agent CPU % of a core", "RSS MB", "BPF events / request",
                "BPF ns / request (raw)", "BPF ns / request (net)", "background share of raw", "BPF ns / event",
                "machine busy (cores)"])
@@ -121,11 +128,12 @@ def run(ctx: Context) -> SectionResult:
               fmt_summary(entry["ns_per_request_net"]), fmt_summary(entry["background_pct"]) + "%", fmt_summary(entry["ns_per_event"]),
               fmt_summary(entry["busy"]))
     res.tables.append(t)
-    res.data["per_rate"] = per_rate
+    res.data[f"per_rate{sfx}"] = per_rate
 
     # Per program at 20k req/s: where the kernel time goes.
     ws20 = [w for w in windows if w["rate"] == 20000 and w["requests"]]
-    pt = Table("Per BPF program at 20k req/s (all rounds; net of the background measured before each window)",
+    pt = Table(f"Per BPF program at 20k req/s — {ctx.mode_label(mode)} (all rounds; net of the background measured "
+               "before each window)",
                ["object", "program", "runs / request", "ns / run", "ns / request"])
     total_req = sum(w["requests"] for w in ws20) or 1
     objects = program_objects()
@@ -148,10 +156,13 @@ def run(ctx: Context) -> SectionResult:
     for obj, ns in sorted(by_object.items()):
         pt.add(obj, "**all**", "", "", f"**{fmt(ns)}**")
     res.tables.append(pt)
-    res.data["programs_at_20k"] = prog_rows
-    res.data["ns_per_request_by_object_at_20k"] = by_object
+    res.data[f"programs_at_20k{sfx}"] = prog_rows
+    res.data[f"ns_per_request_by_object_at_20k{sfx}"] = by_object
 
     rss = max([w["rss_bytes"] for w in windows + idle]) / 1e6
+    if not verdicts:
+        res.intro += " "
+        return
     res.verdicts += [
         verdict("kernel_ns_per_request", per_rate["20k req/s"]["ns_per_request_net"].median,
                 f"{ctx.mode_label(mode)}, at 20k req/s, background-subtracted (raw upper bound "
@@ -171,4 +182,4 @@ def run(ctx: Context) -> SectionResult:
                      "ns/run per program does not depend on the background and is the robust figure.")
     res.notes.append("Per-program rows with fewer than 0.001 runs per request after subtracting the background are "
                      "left out; the 'all' rows give each BPF object's share of the time per request.")
-    return res
+    res.intro += " "

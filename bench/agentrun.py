@@ -2,7 +2,8 @@
 kernel-side run time of its own BPF programs.
 
 Modes: "l4" runs `meshlens run --features l4` (TCP only); "full" runs `meshlens run` exactly
-as shipped (whatever `default_sources()` returns).
+as shipped (whatever `default_sources()` returns: L7 with `--l7-source auto`); "packets" runs
+`meshlens run --l7-source packets` (L7 from packets at the pod veths only, no syscall tracepoints).
 Kernel cost is read from /proc/<agent>/fdinfo of the agent's BPF program fds (prog_id,
 run_time_ns, run_cnt), so programs of other agents on the machine are never mixed in.
 Run-time stats are switched on with BPF_ENABLE_STATS (an fd) rather than the
@@ -29,13 +30,16 @@ def default_source_names() -> List[str]:
     return [s.name for s in default_sources(AgentConfig(), KernelFeatures.probe())]
 
 
+MODE_ARGS = {"l4": ("--features", "l4"), "full": (), "packets": ("--l7-source", "packets")}
+
+
 class BenchAgent(AgentProcess):
     """AgentProcess in a bench mode; remembers what it attached."""
 
     def __init__(self, mode: str, *extra_args: str, sweep_interval: float = 1.0) -> None:
-        if mode not in ("l4", "full"):
+        if mode not in MODE_ARGS:
             raise ValueError(f"unknown agent mode {mode!r}")
-        super().__init__(*(("--features", "l4") if mode == "l4" else ()), *extra_args, sweep_interval=sweep_interval)
+        super().__init__(*MODE_ARGS[mode], *extra_args, sweep_interval=sweep_interval)
         self.mode = mode
         self.attached: List[str] = []
 

@@ -32,12 +32,20 @@ class Context:
 
     @property
     def agent_modes(self) -> List[str]:
-        """'l4' always; 'full' only when `meshlens run` starts more than the tcp source."""
-        return ["l4"] if set(self.default_sources) <= {"tcp"} else ["l4", "full"]
+        """'l4' always; 'full' only when `meshlens run` starts more than the tcp source;
+        'packets' (L7 from packets only) when it starts the http source."""
+        if set(self.default_sources) <= {"tcp"}:
+            return ["l4"]
+        return ["l4", "full", "packets"] if "http" in self.default_sources else ["l4", "full"]
 
     @property
     def full_mode(self) -> str:
-        return self.agent_modes[-1]
+        return "full" if "full" in self.agent_modes else self.agent_modes[-1]
+
+    @property
+    def cost_modes(self) -> List[str]:
+        """Modes whose kernel cost per request is measured (agent_cost)."""
+        return [m for m in ("full", "packets") if m in self.agent_modes] or [self.full_mode]
 
     def mode_label(self, mode: str) -> str:
         if mode == "base":

@@ -107,7 +107,7 @@ def run(ctx: Context) -> SectionResult:
         summary[name] = {"throughput": tput, **lat}
     res.data["summary"] = summary
 
-    full = ctx.agent_modes[-1]
+    full = ctx.full_mode
     tp = summary["http_small"]["throughput"][full]["ratio_pct"]
     p99 = summary["http_small"]["p99"][full]["delta_pct"]
     tp_m = summary["http_medium"]["throughput"][full]["ratio_pct"]

@@ -99,12 +99,39 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* A header at `off`: read straight from the linear head when it lies there (no helper call),
+ * else with bpf_skb_load_bytes, which also reaches paged fragments and bounds-checks against
+ * skb->len. `len` is a constant at every call site. Returns 0 on success. */
+#define MAX_DIRECT_OFF 256  /* deeper headers (long extension chains) take the helper */
+static __always_inline int ld(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= MAX_DIRECT_OFF && data + off + len <= end) {
+		__builtin_memcpy(dst, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, dst, len);
+}
+
 /* Atomic although per-CPU: kfree_skb may fire in hard-irq context on top of a tc program. */
 static __always_inline void tc_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
 	if (v)
 		__sync_fetch_and_add(v, 1);
+}
+
+/* Every skb either program saw. Not atomic: only the tc programs touch this slot, and a
+ * kfree_skb interrupting one touches other slots. */
+static __always_inline void packets_seen(void)
+{
+	__u32 idx = ML_TC_CNT_PACKETS;
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+
+	if (v)
+		*v += 1;
 }
 
 /* Wire layouts (fixed by the protocols, so no CO-RE). */
@@ -191,7 +218,7 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, __u32 off, __u32 end
 	struct ml_tcp th;
 	__u32 doff;
 
-	if (off + sizeof(th) > end || bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+	if (off + sizeof(th) > end || ld(skb, off, &th, sizeof(th)))
 		return tc_fail(ML_TC_CNT_SHORT_TCP);
 	doff = (th.doff_res >> 4) * 4;
 	if (doff < sizeof(th))
@@ -210,7 +237,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	struct ml_ip4 ip;
 	__u32 ihl, end, tot;
 
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+	if (ld(skb, off, &ip, sizeof(ip)))
 		return tc_fail(ML_TC_CNT_SHORT_IPV4);
 	ihl = (ip.ver_ihl & 0x0f) * 4;
 	if ((ip.ver_ihl >> 4) != 4 || ihl < sizeof(ip))
@@ -241,7 +268,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	__u8 nh;
 	int i;
 
-	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+	if (ld(skb, off, &ip6, sizeof(ip6)))
 		return tc_fail(ML_TC_CNT_SHORT_IPV6);
 	if ((bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6)
 		return tc_fail(ML_TC_CNT_BAD_IPV6);
@@ -270,7 +297,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 		default:
 			return PARSE_L4; /* UDP, ICMPv6, ...: no flags to read */
 		}
-		if (off + 8 > end || bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)))
+		if (off + 8 > end || ld(skb, off, &ext, sizeof(ext)))
 			return tc_fail(ML_TC_CNT_SHORT_IPV6_EXT);
 		if (nh == IPPROTO_FRAGMENT) {
 			if (bpf_ntohs(ext.frag_off) & 0xfff8) {
@@ -309,13 +336,13 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct parsed *p)
 	int i;
 
 	/* h_proto is the last two bytes of the Ethernet header */
-	if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
+	if (ld(skb, 12, &proto, sizeof(proto)))
 		return tc_fail(ML_TC_CNT_SHORT_ETH);
 #pragma unroll
 	for (i = 0; i < ML_TC_MAX_VLAN; i++) {
 		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 			break;
-		if (bpf_skb_load_bytes(skb, off, &vh, sizeof(vh)))
+		if (ld(skb, off, &vh, sizeof(vh)))
 			return tc_fail(ML_TC_CNT_SHORT_VLAN);
 		proto = vh.proto;
 		off += sizeof(vh);
@@ -446,7 +473,7 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir)
 	__u32 segs = skb->gso_segs;
 	int res;
 
-	tc_count(ML_TC_CNT_PACKETS);
+	packets_seen();
 	res = tc_parse(skb, &p);
 	if (!s)
 		goto out;

@@ -37,12 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
     run.add_argument("--features", default="l4,l7,tc,sat",
-                     help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS from syscalls), "
+                     help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS, see --l7-source), "
                           "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "
                           "conntrack); default %(default)s")
     run.add_argument("--socket-walk-interval", type=float, default=10.0,
                      help="seconds between saturation's walks over every namespace's sockets (accept queues, "
                           "zero windows, ephemeral ports, conntrack); default %(default)s")
+    run.add_argument("--l7-source", default="auto", choices=["auto", "packets", "syscalls"],
+                     help="where HTTP/DNS are parsed: packets at pod veths (tc), syscall tracepoints "
+                          "(names the process), or auto: packets for pod traffic, syscalls for the rest "
+                          "(default %(default)s)")
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
@@ -98,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         map_window_s=args.map_window,
         features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
         map_interval_s=args.map_interval,
+        l7_source=args.l7_source,
         tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
         sat=SatConfig(walk_interval_s=args.socket_walk_interval),
     )

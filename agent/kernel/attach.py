@@ -121,6 +121,9 @@ def load_with_fallback(
                 obj.load()
             except BpfError as exc:
                 last_error = exc
+                if not states:
+                    obj.close()
+                    raise
                 culprit = _blame(states, exc)
                 log.warning("load of %s failed (%s); dropping variant %s", path.name, exc.strerror, culprit)
                 obj.close()

@@ -135,7 +135,16 @@ enum ml_l7_counter {
 	ML_L7_SYSCALLS = 18,           /* socket syscalls inspected */
 	ML_L7_PATHS_SENT = 19,
 	ML_L7_SAMPLES = 20,
-	ML_L7_CNT_MAX = 24,
+	/* packet path (l7pkt.bpf.c) */
+	ML_L7_PKT_SEGMENTS = 21,       /* TCP segments with payload inspected */
+	ML_L7_PKT_RETRANSMITS = 22,    /* segments wholly before next_seq (retransmit, duplicate): skipped */
+	ML_L7_PKT_OVERLAPS = 23,       /* segments partly before next_seq: their old prefix skipped */
+	ML_L7_PKT_DESYNC = 24,         /* gaps in a stream's headers: desynchronised, pending requests dropped */
+	ML_L7_PKT_GAP_IN_BODY = 25,    /* gaps inside a body of known length: skipped by arithmetic */
+	ML_L7_PKT_RESYNC = 26,         /* desynchronised streams resumed at a request/status line */
+	ML_L7_PKT_UNPARSED = 27,       /* frames whose headers could not be parsed down to L4 */
+	ML_L7_PKT_DNS_TCP_SKIPPED = 28,/* reserved */
+	ML_L7_CNT_MAX = 32,
 };
 
 #pragma clang diagnostic pop

@@ -30,7 +30,8 @@ def settle(src: HttpSource, seconds: float = 0.3) -> None:
 def series_for(src: HttpSource, pod: Pod, role: str, port: int = 0) -> Dict[HttpSeriesKey, HttpStats]:
     out = {}
     for k, st in src.snapshot().series.items():
-        if k.cgroup_id == pod.cgroup_id and k.netns == pod.netns_inode and k.role == role:
+        # packet-path series name no process: cgroup 0, the pod is its netns
+        if k.cgroup_id in (pod.cgroup_id, 0) and k.netns == pod.netns_inode and k.role == role:
             if port and k.server_port != port:
                 continue
             out[k] = st
@@ -88,16 +89,22 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.05)
 
 
 def dns_series(snap: DnsSnapshot, pod: Pod) -> Dict:
-    return {k: st for k, st in snap.series.items() if k.cgroup_id == pod.cgroup_id and k.netns == pod.netns_inode}
+    return {k: st for k, st in snap.series.items()
+            if k.cgroup_id in (pod.cgroup_id, 0) and k.netns == pod.netns_inode}
 
 
-def started_source(**kw) -> Iterator[HttpSource]:
+L7_SOURCES = ("syscalls", "packets")
+
+
+def started_source(l7_source: str = "syscalls", **kw) -> Iterator[HttpSource]:
     """The L7 sources run by the agent's own loop (runner.Agent) in a thread, as in
-    `meshlens run`: ring buffers are polled continuously, maps swept every 0.1 s."""
-    from meshlens.agent.sources.l7.http import HttpConfig, l7_sources
+    `meshlens run`: ring buffers are polled continuously, maps swept every 0.1 s.
+    l7_source: "syscalls" (l7.bpf.c), "packets" (l7pkt.bpf.c on the pod veths) or "auto" (both)."""
+    from meshlens.agent.sources.l7.http import HttpConfig
+    from meshlens.agent.sources.l7.select import l7_sources_for
     from meshlens.agent.runner import Agent, AgentConfig
 
-    sources = l7_sources(HttpConfig(**kw))
+    sources = l7_sources_for(l7_source, HttpConfig(**kw))
     agent = Agent(AgentConfig(sweep_interval_s=0.1, poll_timeout_ms=50), sources=sources)
     src = sources[0]
     src.test_agent = agent  # type: ignore[attr-defined]

@@ -37,7 +37,8 @@ def test_stop_signal_detaches_every_program(sig: int) -> None:
     assert still == set(), f"programs still loaded after {signal.Signals(sig).name}: {still}"
 
 
-TC_PROGRAMS = {"meshlens_tc_in", "meshlens_tc_eg"}
+# tc filters (interface counters, L7 from packets) outlive a killed agent; stale ones are removed at start
+TC_PROGRAMS = {"meshlens_tc_in", "meshlens_tc_eg", "meshlens_l7_in", "meshlens_l7_eg"}
 
 
 def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:

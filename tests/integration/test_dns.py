@@ -11,16 +11,17 @@ from typing import Dict, Iterator, Tuple
 import pytest
 
 from meshlens.agent.sources.l7.http import HttpSource
-from tests.integration.l7_helpers import dns_series, settle, started_source
+from tests.integration.l7_helpers import L7_SOURCES, dns_series, settle, started_source
 from tests.integration.pods import Node
 from tests.integration.servers import Dnsmasq, dns_query
 
 RECORDS = {"web.meshlens.test": ["10.1.2.3"], "db.meshlens.test": ["10.1.2.4", "fd00::4"]}
 
 
-@pytest.fixture(scope="module")
-def l7() -> Iterator[HttpSource]:
-    yield from started_source()
+@pytest.fixture(scope="module", params=L7_SOURCES)
+def l7(request) -> Iterator[HttpSource]:
+    """Every test runs on both L7 paths: syscall tracepoints and packets at the pod veths."""
+    yield from started_source(request.param)
 
 
 @pytest.fixture(scope="module")

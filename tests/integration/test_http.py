@@ -1,7 +1,7 @@
 """HTTP/1.x golden signals against ground truth: nginx's access log and wrk's own report.
 
-nginx runs in pod "web", clients in pod "client"; the agent's HTTP source (l7.bpf.c on the
-syscall tracepoints) runs in this process. Every comparison is filtered to the pods' cgroup
+nginx runs in pod "web", clients in pod "client"; the agent's HTTP source runs in this process,
+once on each L7 path: l7.bpf.c on the syscall tracepoints, l7pkt.bpf.c on the pod veths. Every comparison is filtered to the pods' cgroup
 and netns, and taken as a difference over the test, so concurrent traffic on the machine
 cannot leak in.
 """
@@ -12,8 +12,10 @@ from typing import Iterator
 import pytest
 
 from meshlens.agent.sources.l7.http import HttpSource
+from meshlens.agent.sources.l7.packets import PacketHttpSource
 from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S
 from tests.integration.l7_helpers import (
+    L7_SOURCES,
     counts_by_request,
     diff_counts,
     duration_buckets,
@@ -112,9 +114,10 @@ print("done")
 EXPECTED_REQUESTS = 30  # requests CLIENT makes (each one line in nginx's access log)
 
 
-@pytest.fixture(scope="module")
-def l7() -> Iterator[HttpSource]:
-    yield from started_source()
+@pytest.fixture(scope="module", params=L7_SOURCES)
+def l7(request) -> Iterator[HttpSource]:
+    """Every test runs on both L7 paths: syscall tracepoints and packets at the pod veths."""
+    yield from started_source(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +302,7 @@ print("done", flush=True)
 '''
 
 
-def test_agent_started_mid_connection(env) -> None:
+def test_agent_started_mid_connection(l7, env) -> None:
     """Keep-alive connections that predate the agent: the requests after its start count,
     nothing before does, nothing is invented."""
     import subprocess
@@ -310,7 +313,7 @@ def test_agent_started_mid_connection(env) -> None:
                         stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        gen = started_source()
+        gen = started_source("packets" if isinstance(l7, PacketHttpSource) else "syscalls")
         src = next(gen)
         try:
             n_log = len(nginx.access_log_entries())
@@ -330,3 +333,130 @@ def test_agent_started_mid_connection(env) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+CONFORMANCE_CLIENT = r'''
+import http.client, socket, sys, time
+host = sys.argv[1]
+
+def read_all(s):
+    out = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            return out
+        out += b
+
+# methods outside RFC 9110 + PATCH (WebDAV, caches, SSDP, the QUERY draft): any token
+c = http.client.HTTPConnection(host, 80)
+for m in ("PURGE", "REPORT", "SEARCH", "M-SEARCH", "QUERY", "LINK", "PROPFIND", "PATCH"):
+    c.request(m, "/status/200")
+    r = c.getresponse(); r.read()
+# Upgrade asked for, answered with an ordinary response
+c.request("GET", "/status/201", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+c.getresponse().read()
+c.request("GET", "/status/200", headers={"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+                                         "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"})
+c.getresponse().read()
+c.close()
+# an empty line before the request line (RFC 9112 2.2), on a new connection
+s = socket.create_connection((host, 80))
+s.sendall(b"\r\nGET /status/201 HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+assert read_all(s).startswith(b"HTTP/1.1 201")
+s.close()
+# ... and after a POST body on a keep-alive connection (what some clients send)
+s = socket.create_connection((host, 80))
+s.sendall(b"POST /echo HTTP/1.1\r\nHost: c\r\nContent-Length: 5\r\n\r\nhello\r\n")
+time.sleep(0.2)
+s.sendall(b"GET /status/404 HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+got = read_all(s)
+assert got.count(b"HTTP/1.1 ") == 2, got
+s.close()
+print("done")
+'''
+
+STANDARD = {"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE"}
+
+
+def test_conformance_other_methods_leading_crlf_upgrade(l7, env) -> None:
+    """Requests real clients send that RFC 9112 allows: every one counted, on both sides,
+    methods outside the standard set as `_OTHER` (OpenTelemetry HTTP conventions)."""
+    _node, web, client, nginx = env
+    settle(l7, 0.1)
+    srv0 = counts_by_request(series_for(l7, web, "server", 80))
+    cli0 = counts_by_request(series_for(l7, client, "client", 80))
+    n_log = len(nginx.access_log_entries())
+    assert run_py(client, CONFORMANCE_CLIENT, web.ipv4).strip() == "done"
+    entries = nginx.access_log_entries(expect=n_log + 13)[n_log:]
+    assert len(entries) == 13
+    for e in entries:
+        if e["request_method"] not in STANDARD:
+            e["request_method"] = "_OTHER"
+    settle(l7)
+    truth = log_counts(entries)
+    assert diff_counts(counts_by_request(series_for(l7, web, "server", 80)), srv0) == truth
+    assert diff_counts(counts_by_request(series_for(l7, client, "client", 80)), cli0) == truth
+
+
+UPGRADE_SERVER = r'''
+import socket, sys
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", int(sys.argv[1]))); ls.listen(8)
+while True:
+    s, _ = ls.accept()
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    if b"Upgrade: echo" in buf:
+        s.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        while True:                     # the tunnel: echo whatever comes, HTTP-looking or not
+            b = s.recv(4096)
+            if not b:
+                break
+            s.sendall(b)
+    else:
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        s.recv(4096)
+    s.close()
+'''
+
+UPGRADE_CLIENT = r'''
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+for _ in range(50):
+    try:
+        s = socket.create_connection((host, port)); break
+    except OSError:
+        time.sleep(0.1)
+s.sendall(b"GET /tunnel HTTP/1.1\r\nHost: u\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+assert s.recv(4096).startswith(b"HTTP/1.1 101")
+for _ in range(3):  # inside the tunnel: not HTTP/1 any more, however it looks
+    msg = b"GET /inside HTTP/1.1\r\nHost: u\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        got += s.recv(4096)
+    time.sleep(0.05)
+s.close()
+print("done")
+'''
+
+
+def test_upgrade_101_counts_the_request_then_stops(l7, env) -> None:
+    _node, web, client, _nginx = env
+    port = 18997
+    srv = web.popen(["python3", "-c", UPGRADE_SERVER, str(port)])
+    try:
+        settle(l7, 0.1)
+        srv0 = counts_by_request(series_for(l7, web, "server", port))
+        cli0 = counts_by_request(series_for(l7, client, "client", port))
+        up0 = l7.kernel_counters()["upgrade"]
+        assert run_py(client, UPGRADE_CLIENT, web.ipv4, str(port)).strip() == "done"
+        settle(l7)
+        want = {("GET", 101, "/tunnel"): 1}
+        assert diff_counts(counts_by_request(series_for(l7, web, "server", port)), srv0) == want
+        assert diff_counts(counts_by_request(series_for(l7, client, "client", port)), cli0) == want
+        assert l7.kernel_counters()["upgrade"] - up0 >= 2   # both sides stopped parsing
+    finally:
+        srv.kill()
+        srv.wait()

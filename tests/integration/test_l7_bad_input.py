@@ -10,7 +10,9 @@ from typing import Iterator
 import pytest
 
 from meshlens.agent.sources.l7.http import HttpSource
+from meshlens.agent.sources.l7.packets import PacketHttpSource
 from tests.integration.l7_helpers import (
+    L7_SOURCES,
     counts_by_request,
     diff_counts,
     log_counts,
@@ -69,9 +71,10 @@ print("done")
 '''
 
 
-@pytest.fixture(scope="module")
-def l7() -> Iterator[HttpSource]:
-    yield from started_source()
+@pytest.fixture(scope="module", params=L7_SOURCES)
+def l7(request) -> Iterator[HttpSource]:
+    """Every test runs on both L7 paths: syscall tracepoints and packets at the pod veths."""
+    yield from started_source(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +138,12 @@ def test_http_on_a_non_standard_port(l7, env) -> None:
         srv.wait()
 
 
-def test_full_stats_map_overflows_exactly_and_tap_samples(env) -> None:
+def test_full_stats_map_overflows_exactly_and_tap_samples(l7, env) -> None:
     """A tiny kernel stats map: requests that find no room travel as overflow records, idle
     entries are retired to user space, and counts stay exact. The tap samples 1 in 2."""
     web, client, nginx = env
-    gen = started_source(stats_max_entries=4, sample_every=2)
+    gen = started_source("packets" if isinstance(l7, PacketHttpSource) else "syscalls",
+                         stats_max_entries=4, sample_every=2)
     src = next(gen)
     try:
         settle(src, 0.1)

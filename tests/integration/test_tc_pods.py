@@ -143,6 +143,12 @@ def warm_up(a: Pod, b: Pod, quiet_after_s: float = 3.0) -> None:
     born = time.monotonic()
     for pod in (a, b):
         pod.run(["sysctl", "-q", "-w", "net.ipv6.conf.eth0.router_solicitations=0", "net.ipv6.conf.all.router_solicitations=0"])
+        # the host sides too: this kernel's default (-1) solicits forever, with back-off, and
+        # a host-side veth's or the bridge's RS lands on the pod link in the middle of a test
+        master = json.loads(subprocess.run(["ip", "-j", "link", "show", "dev", pod.host_veth],
+                                           capture_output=True, text=True).stdout)[0].get("master")
+        for dev in filter(None, (pod.host_veth, master)):
+            subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.router_solicitations=0"], check=False)
     for me, other in ((a, b), (b, a)):
         mac = _mac(other)
         for addr in (other.ipv4, other.ipv6):

@@ -14,6 +14,8 @@ from meshlens.agent.sources.l7.structs import (
     ML_L7_CNT_MAX,
     PARSE_ERRORS,
     SIZE_BOUNDS_BYTES,
+    PKT_MIRRORS,
+    L7PktRodata,
     L7Rodata,
     kernel_bucket,
 )
@@ -49,3 +51,27 @@ def test_bucket_bounds_are_the_otel_ones() -> None:
     assert kernel_bucket(DURATION_BOUNDS_S, 0.05) == 3       # <= bound: Prometheus `le`
     assert kernel_bucket(DURATION_BOUNDS_S, 0.0501) == 4
     assert kernel_bucket(DURATION_BOUNDS_S, 11.0) == len(DURATION_BOUNDS_S)
+
+
+@pytest.fixture(scope="module")
+def l7pkt_btf():
+    with ObjectBtf(bpf.object_path("l7pkt")) as btf:
+        yield btf
+
+
+@pytest.mark.parametrize("struct_name", sorted(MIRRORS))
+def test_packet_path_shares_the_record_and_key_layouts(l7pkt_btf, struct_name: str) -> None:
+    """l7pkt.bpf.o fills the same http_stats / l7_events the syscall path does."""
+    layout = l7pkt_btf.struct(struct_name)
+    assert compare(layout, MIRRORS[struct_name]) == []
+
+
+@pytest.mark.parametrize("struct_name", sorted(PKT_MIRRORS))
+def test_l7pkt_mirror_matches_btf(l7pkt_btf, struct_name: str) -> None:
+    layout = l7pkt_btf.struct(struct_name)
+    assert layout.size == ctypes.sizeof(PKT_MIRRORS[struct_name])
+    assert compare(layout, PKT_MIRRORS[struct_name]) == []
+
+
+def test_l7pkt_rodata_knobs_match_btf(l7pkt_btf) -> None:
+    assert compare(l7pkt_btf.datasec(".rodata"), L7PktRodata) == []

@@ -170,6 +170,7 @@ class HttpSource(ObjectSource):
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
+        self._covered: set = set()   # netns inodes whose pod veth the packet path parses
 
     # ---- lifecycle ---------------------------------------------------------------------
     def _configure(self, obj: bpf.BpfObject) -> None:
@@ -187,11 +188,34 @@ class HttpSource(ObjectSource):
             for n in exits:
                 self.obj.attach_tracepoint(EXIT_PROGRAM, "syscalls", f"sys_exit_{n}")
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
+            for netns in list(self._covered):
+                self._write_covered(netns, True)
         except Exception:
             self.stop()
             raise
         for ch in self._choices:
             log.info("l7: %s via %s", ch.signal, ch.chosen)
+
+    def cover_netns(self, netns: int, covered: bool) -> None:
+        """The packet path parses (or no longer parses) this pod's veth: its sockets' traffic
+        to non-loopback peers is skipped here (or followed again), so it is counted once.
+        Called from the packet source's link-watch thread."""
+        if covered:
+            self._covered.add(netns)
+        else:
+            self._covered.discard(netns)
+        if self.obj:
+            self._write_covered(netns, covered)
+
+    def _write_covered(self, netns: int, covered: bool) -> None:
+        key = netns.to_bytes(4, "little")
+        try:
+            if covered:
+                self.obj.map("pkt_netns").update_raw(key, b"\x01")
+            else:
+                self.obj.map("pkt_netns").delete_raw(key)
+        except bpf.BpfError as exc:
+            log.warning("l7: pkt_netns: %s", exc)
 
     # ---- events --------------------------------------------------------------------------
     def _on_event(self, data: bytes) -> None:

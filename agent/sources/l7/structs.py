@@ -61,12 +61,20 @@ COUNTER_NAMES = [
     "syscalls",
     "paths_sent",
     "samples",
+    "pkt_segments",
+    "pkt_retransmits",
+    "pkt_overlaps",
+    "pkt_desync",
+    "pkt_gap_in_body",
+    "pkt_resync",
+    "pkt_unparsed",
+    "pkt_reserved",
 ]
-ML_L7_CNT_MAX = 24
+ML_L7_CNT_MAX = 32
 # Counters that are HTTP parser give-ups (exported as meshlens_http_parse_errors_total{reason}).
 PARSE_ERRORS = (
     "not_http", "header_too_large", "scan_budget", "bad_chunk", "bad_start", "truncated",
-    "no_response", "unpaired_response", "pipeline_full", "upgrade",
+    "no_response", "unpaired_response", "pipeline_full", "upgrade", "pkt_desync",
 )
 
 
@@ -147,6 +155,31 @@ class L7Rodata(ctypes.Structure):
     _fields_ = [("sample_every", ctypes.c_uint32), ("self_tgid", ctypes.c_uint32),
                 ("have_rdonly_cast", ctypes.c_uint32)]
 
+
+class L7PktRodata(ctypes.Structure):
+    """The `const volatile` knobs of l7pkt.bpf.c, in .rodata order."""
+
+    _fields_ = [("sample_every", ctypes.c_uint32)]
+
+
+class MlPktIface(ctypes.Structure):
+    _fields_ = [("netns", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class MlPktConnKey(ctypes.Structure):
+    _fields_ = [
+        ("local_addr", ctypes.c_uint8 * 16),
+        ("peer_addr", ctypes.c_uint8 * 16),
+        ("local_port", ctypes.c_uint16),
+        ("peer_port", ctypes.c_uint16),
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
+    ]
+
+
+# Mirrors of bpf/include/l7pkt.h, checked against l7pkt.bpf.o.
+PKT_MIRRORS = {"ml_pkt_iface": MlPktIface, "ml_pkt_conn_key": MlPktConnKey}
 
 MIRRORS = {
     "ml_http_key": MlHttpKey,

@@ -18,10 +18,13 @@ so a restarted agent never stacks a second copy and a concurrently running agent
 """
 from __future__ import annotations
 
+import collections
 import errno
+import itertools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
@@ -41,13 +44,22 @@ NAME_PREFIX = "meshlens-tc-"
 TCA_BPF_ID = 11
 
 
-def filter_name(direction: str) -> str:
-    return f"{NAME_PREFIX}{direction}"
+NAME_PREFIXES = (NAME_PREFIX, "meshlens-l7-")   # interface counters; L7 from packets
 
 
-def default_handle() -> int:
-    """Our filters' handle: the agent's pid (non-zero, unique among live agents)."""
-    return os.getpid() & 0xFFFFFFFF or 1
+def filter_name(direction: str, kind: str = "") -> str:
+    """`meshlens-tc-ingress` (interface counters) or `meshlens-<kind>-ingress` (`l7`)."""
+    return f"meshlens-{kind}-{direction}" if kind else f"{NAME_PREFIX}{direction}"
+
+
+_attachers: Dict[int, "itertools.count[int]"] = collections.defaultdict(itertools.count)
+
+
+def default_handle(prio: int = 0) -> int:
+    """Our filters' handle: the agent's pid (non-zero, unique among live agents). A second
+    attacher at the same priority in one process (tests run two agents' worth of sources in
+    one process) adds its number above the pid's 22 bits."""
+    return ((next(_attachers[prio]) & 0x3FF) << 22 | (os.getpid() & 0x3FFFFF)) or 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ def list_filters(ipr: IPRoute, ifindex: int) -> List[TcFilter]:
 
 
 def our_filters(ipr: IPRoute, ifindex: int) -> List[TcFilter]:
-    return [f for f in list_filters(ipr, ifindex) if f.name.startswith(NAME_PREFIX)]
+    return [f for f in list_filters(ipr, ifindex) if f.name.startswith(NAME_PREFIXES)]
 
 
 def delete_filter(ipr: IPRoute, f: TcFilter) -> bool:
@@ -166,18 +178,25 @@ def remove_stale_filters(ifindexes: Optional[Iterable[int]] = None,
     return removed
 
 
+_ATTACH_LOCK = threading.Lock()
+
+
 class TcAttacher:
     """Attaches the ingress/egress programs to interfaces; remembers what it created.
 
     Thread-safe: the link watcher attaches from its thread, the source detaches on stop.
     """
 
-    def __init__(self, prog_fds: Dict[str, int], handle: Optional[int] = None, prio: int = FILTER_PRIO) -> None:
+    def __init__(self, prog_fds: Dict[str, int], handle: Optional[int] = None, prio: int = FILTER_PRIO,
+                 kind: str = "") -> None:
         self.prog_fds = dict(prog_fds)  # direction -> program fd
-        self.handle = handle if handle is not None else default_handle()
+        self.kind = kind                # filter name part: "" (counters) or "l7"
+        self.handle = handle if handle is not None else default_handle(prio)
         self.prio = prio
         self.attached: Dict[int, Attachment] = {}
-        self._lock = threading.Lock()
+        # one lock for every attacher of the process: the counters and the L7 programs attach
+        # to the same new veth from two watcher threads, and the clsact check-then-add races
+        self._lock = _ATTACH_LOCK
 
     def attach(self, ifindex: int, ifname: str) -> Attachment:
         with self._lock, IPRoute() as ipr:
@@ -202,14 +221,18 @@ class TcAttacher:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise TcAttachError(f"{ifname}: cannot add clsact qdisc: {exc}") from exc
-        for q in ipr.get_qdiscs(index=ifindex):
-            if q["parent"] == TC_H_CLSACT_PARENT and q.get_attr("TCA_KIND") == "clsact":
-                return False  # shared with whoever created it
+        for attempt in range(5):
+            for q in ipr.get_qdiscs(index=ifindex):
+                if q["parent"] == TC_H_CLSACT_PARENT and q.get_attr("TCA_KIND") == "clsact":
+                    return False  # shared with whoever created it
+            # another process (a second agent) may be adding its clsact right now: the add
+            # said EEXIST before the dump shows it
+            time.sleep(0.02 * (attempt + 1))
         raise TcAttachError(f"{ifname}: an ingress qdisc other than clsact is in the way")
 
     def _add_filter(self, ipr: IPRoute, ifindex: int, direction: str, fd: int) -> None:
         try:
-            ipr.tc("add-filter", "bpf", ifindex, self.handle, fd=fd, name=filter_name(direction),
+            ipr.tc("add-filter", "bpf", ifindex, self.handle, fd=fd, name=filter_name(direction, self.kind),
                    parent=PARENTS[direction], classid=1, direct_action=True, prio=self.prio, protocol=ETH_P_ALL)
         except NetlinkError as exc:
             raise TcAttachError(f"ifindex {ifindex}: cannot add {direction} filter: {exc}") from exc

@@ -1,0 +1,131 @@
+"""Packet L7 source: loads bpf/l7pkt.bpf.c (HTTP/1.x and DNS parsed from the packets at each
+pod's host-side veth) and attaches its two tc programs beside tc.bpf.c's on every pod veth.
+
+link notifications (agent/sources/tc/link_watch.py) -> attach (agent/sources/tc/attach.py,
+filters `meshlens-tc-l7-{ingress,egress}`) + `pkt_ifaces[ifindex] = pod netns` -> kernel
+`http_stats` / `l7_events` / `l7_counters` (the same maps as l7.bpf.c) -> this module, which
+reads them exactly as HttpSource does -> HttpSnapshot (area "http"); DNS records go to the same
+DnsTracker (agent/sources/l7/dns.py) -> DnsSnapshot (area "dns").
+
+Series from packets carry cgroup_id 0 and an empty process name (a packet names no process):
+the pod is its network namespace, which the identity layer resolves.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.attach import load_with_fallback
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
+from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
+from meshlens.agent.sources.l7.structs import L7PktRodata, MlPktIface
+from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
+from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo, LinkWatcher, NetnsResolver
+
+if TYPE_CHECKING:
+    from meshlens.agent.sources.l7.dns import DnsTracker
+
+log = logging.getLogger("meshlens.http")
+
+PROGRAMS = {"ingress": "meshlens_l7_in", "egress": "meshlens_l7_eg"}
+L7_FILTER_PRIO = FILTER_PRIO + 1   # right after the interface counters (which return UNSPEC)
+
+
+class PacketHttpSource(HttpSource):
+    """HttpSource whose kernel half is l7pkt.bpf.o on the pod veths instead of syscalls."""
+
+    def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
+                 on_pod_netns: Optional[Callable[[int, bool], None]] = None, watch: bool = True,
+                 dns: Optional["DnsTracker"] = None) -> None:
+        super().__init__(config, features, dns)
+        self.watch = watch
+        self.on_pod_netns = on_pod_netns   # (netns inode, covered?) for the syscall path's exclusion
+        self.attacher: Optional[TcAttacher] = None
+        self.watcher: Optional[LinkWatcher] = None
+        self.resolver = NetnsResolver()
+        self._lock = threading.Lock()
+        self.interfaces: Dict[int, int] = {}   # ifindex -> pod netns inode
+        self.attach_errors = 0
+
+    def _configure(self, obj: bpf.BpfObject) -> None:
+        obj.map("pkt_conns").max_entries = self.config.conns_max_entries
+        obj.map("http_stats").max_entries = self.config.stats_max_entries
+        obj.map("l7_events").max_entries = self.config.ringbuf_bytes
+        obj.set_rodata({"sample_every": self.config.sample_every}, L7PktRodata)
+
+    def start(self) -> None:
+        self.obj, self._choices = load_with_fallback(bpf.object_path("l7pkt"), (), self.features, self._configure)
+        try:
+            self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
+            fds = {d: self.obj.program(p).fd for d, p in PROGRAMS.items()}
+            self.attacher = TcAttacher(fds, prio=L7_FILTER_PRIO, kind="l7")
+            self._choices = [AttachChoice("l7_payload", "tc_packets", list(PROGRAMS.values())),
+                             AttachChoice("dns_packets", "tc_packets", list(PROGRAMS.values()))]
+            if self.watch:
+                self.watcher = LinkWatcher(self.link_up, self.link_gone, None)
+                self.watcher.start()
+                self.watcher.ready.wait(10)
+        except Exception:
+            self.stop()
+            raise
+        log.info("l7: HTTP/DNS from packets on pod veths (tc %s)", ", ".join(PROGRAMS.values()))
+
+    def stop(self) -> None:
+        if self.watcher:
+            self.watcher.stop()
+            self.watcher = None
+        if self.attacher:
+            self.attacher.detach_all()
+            self.attacher = None
+        super().stop()
+
+    # ---- links (watcher thread) ------------------------------------------------------
+    def link_up(self, link: LinkInfo) -> None:
+        """A pod veth: attach, then let the programs parse it (pkt_ifaces names its pod)."""
+        if link.kind != KIND_POD_VETH or not self.attacher or not self.obj:
+            return
+        netns = self.resolver.resolve(link.peer_netnsid) if link.peer_netnsid >= 0 else 0
+        try:
+            self.attacher.attach(link.ifindex, link.name)
+        except Exception as exc:  # noqa: BLE001 - counted and logged per interface
+            self.attach_errors += 1
+            log.warning("l7: cannot attach to %s: %s", link.name, exc)
+            return
+        try:
+            self.obj.map("pkt_ifaces").update_raw(link.ifindex.to_bytes(4, "little"), bytes(MlPktIface(netns, 0)))
+        except bpf.BpfError as exc:
+            self.attach_errors += 1
+            log.warning("l7: pkt_ifaces: %s", exc)
+            return
+        with self._lock:
+            self.interfaces[link.ifindex] = netns
+        if netns and self.on_pod_netns:
+            self.on_pod_netns(netns, True)
+
+    def link_gone(self, ifindex: int) -> None:
+        if self.attacher:
+            self.attacher.forget(ifindex)
+        with self._lock:
+            netns = self.interfaces.pop(ifindex, None)
+        if self.obj:
+            self.obj.map("pkt_ifaces").delete_raw(ifindex.to_bytes(4, "little"))
+        if netns and self.on_pod_netns:
+            self.on_pod_netns(netns, False)
+
+    def health(self) -> SourceHealth:
+        h = super().health()
+        h.kernel_counters["attach_errors"] = self.attach_errors
+        h.map_entries["pkt_ifaces"] = len(self.interfaces)
+        return h
+
+
+def packet_l7_sources(config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
+                      on_pod_netns: Optional[Callable[[int, bool], None]] = None) -> List[Source]:
+    """The packet HTTP source and the DNS view over the same object, for the runner's list."""
+    from meshlens.agent.sources.l7.dns import DnsSource
+
+    http = PacketHttpSource(config, features, on_pod_netns)
+    return [http, DnsSource(http)]

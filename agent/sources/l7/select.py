@@ -1,0 +1,140 @@
+"""Which L7 path runs: `--l7-source packets|syscalls|auto`, and the "http" area when both run.
+
+packets:  PacketHttpSource (agent/sources/l7/packets.py) only — pod traffic, no process names.
+syscalls: HttpSource (agent/sources/l7/http.py) only — every socket on the node, with process.
+auto:     both; each pod veth the packet path attaches to is registered with the syscall
+          path (`pkt_netns`), which then skips that pod's sockets unless their peer is
+          loopback. Pod traffic is parsed from packets, what never crosses a pod veth
+          (loopback inside a pod, hostNetwork pods, processes on a plain machine) from
+          syscalls, and each request is counted once. One DnsTracker serves both.
+
+BothHttpSource merges the two snapshots into one HttpSnapshot for exporter/prometheus/http.py.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
+from meshlens.agent.sources.l7.dns import DnsSource, DnsTracker
+from meshlens.agent.sources.l7.http import HttpConfig, HttpSnapshot, HttpSource, HttpStats
+from meshlens.agent.sources.l7.packets import PacketHttpSource
+
+L7_SOURCES = ("auto", "packets", "syscalls")
+
+
+class BothHttpSource(Source):
+    """The "http" area from the packet path and the syscall path together."""
+
+    name = "http"
+
+    def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None) -> None:
+        self.dns = DnsTracker()
+        self.syscalls = HttpSource(config, features, self.dns)
+        self.packets = PacketHttpSource(config, features, on_pod_netns=self.syscalls.cover_netns, dns=self.dns)
+        self._parts: List[HttpSource] = [self.syscalls, self.packets]
+        self._started: List[HttpSource] = []
+        self._snapshot = HttpSnapshot({}, {}, 0, 0)
+
+    @property
+    def obj(self) -> Optional[bpf.BpfObject]:
+        return self.syscalls.obj
+
+    def start(self) -> None:
+        try:
+            for part in self._parts:   # syscalls first: the packet path registers pods with it
+                part.start()
+                self._started.append(part)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+    def ring_buffers(self) -> List[bpf.RingBuffer]:
+        return [rb for p in self._parts for rb in p.ring_buffers()]
+
+    def sweep(self, now_ns: int) -> None:
+        for p in self._started:
+            p.sweep(now_ns)
+        snaps = [p.snapshot() for p in self._started]
+        series: Dict = {}
+        for snap in snaps:
+            for k, st in snap.series.items():
+                mine = series.get(k)
+                if mine is None:
+                    series[k] = st
+                else:
+                    merged = HttpStats()
+                    merged.merge(mine)
+                    merged.merge(st)
+                    series[k] = merged
+        errors: Dict[str, int] = {}
+        for snap in snaps:
+            for n, v in snap.parse_errors.items():
+                errors[n] = errors.get(n, 0) + v
+        self._snapshot = HttpSnapshot(
+            series=series,
+            parse_errors=errors,
+            route_overflows=sum(s.route_overflows for s in snaps),
+            overflow_records=sum(s.overflow_records for s in snaps),
+            tap=tuple(t for s in snaps for t in s.tap),
+        )
+
+    def snapshot(self) -> HttpSnapshot:
+        return self._snapshot
+
+    def kernel_counters(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for p in self._parts:
+            for n, v in p.kernel_counters().items():
+                out[n] = out.get(n, 0) + v
+        return out
+
+    def health(self) -> SourceHealth:
+        hs = [p.health() for p in self._parts]
+
+        def add(dicts: List[Dict[str, int]]) -> Dict[str, int]:
+            out: Dict[str, int] = {}
+            for d in dicts:
+                for n, v in d.items():
+                    out[n] = out.get(n, 0) + v
+            return out
+
+        entries = dict(hs[0].map_entries)
+        entries.update({f"pkt_{n}" if n in entries else n: v for n, v in hs[1].map_entries.items()})
+        return SourceHealth(
+            events_read=add([h.events_read for h in hs]),
+            events_lost=add([h.events_lost for h in hs]),
+            map_entries=entries,
+            map_capacity=dict(hs[0].map_capacity),
+            kernel_counters=add([h.kernel_counters for h in hs]),
+            callback_errors=sum(h.callback_errors for h in hs),
+        )
+
+    def attach_report(self) -> List[AttachChoice]:
+        """Which path each kind of traffic takes (shown by `meshlens check`)."""
+        pkt = self.packets.attach_report()
+        sys_ = self.syscalls.attach_report()
+        out = [AttachChoice("l7_pod_traffic", "packets (tc on pod veths)" if pkt else "",
+                            [p for c in pkt if c.signal == "l7_payload" for p in c.programs]),
+               AttachChoice("l7_other_traffic", "syscalls (loopback, hostNetwork, no pod veth)" if sys_ else "",
+                            [p for c in sys_ if c.signal == "l7_payload" for p in c.programs])]
+        return out + pkt + sys_
+
+
+def l7_sources_for(mode: str, config: HttpConfig = HttpConfig(),
+                   features: Optional[KernelFeatures] = None) -> List[Source]:
+    """The "http" source and its "dns" view for --l7-source `mode`."""
+    if mode not in L7_SOURCES:
+        raise ValueError(f"--l7-source: {mode!r} is not one of {', '.join(L7_SOURCES)}")
+    if mode == "syscalls":
+        http: Source = HttpSource(config, features)
+    elif mode == "packets":
+        http = PacketHttpSource(config, features)
+    else:
+        http = BothHttpSource(config, features)
+    return [http, DnsSource(http)]

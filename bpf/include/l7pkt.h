@@ -1,0 +1,33 @@
+/* l7pkt.h — structs shared by l7pkt.bpf.c (HTTP/1.x and DNS from packets at a pod's veth)
+ * and the agent's ctypes mirror (agent/sources/l7/structs.py). The series it produces use
+ * the structs of l7.h. Explicitly padded (-Wpadded), checked against BTF by a unit test.
+ */
+#ifndef MESHLENS_L7PKT_H
+#define MESHLENS_L7PKT_H
+
+#pragma clang diagnostic push
+#pragma clang diagnostic error "-Wpadded"
+
+/* Value of `pkt_ifaces` (key: ifindex of a pod's host-side veth), written by the agent when
+ * it attaches there: packets on interfaces not in this map are not parsed. */
+struct ml_pkt_iface {
+	__u32 netns;   /* inode of the pod's network namespace (the series' netns) */
+	__u32 flags;   /* reserved, 0 */
+};
+
+/* Key of `pkt_conns`: one connection as seen at one interface, oriented from the pod behind
+ * that interface (local) to its peer, so both directions of a connection share an entry and
+ * the two pods of a node-local connection each have their own (one observation per side). */
+struct ml_pkt_conn_key {
+	__u8 local_addr[16];  /* IPv4: first 4 bytes */
+	__u8 peer_addr[16];
+	__u16 local_port;     /* host byte order */
+	__u16 peer_port;
+	__u32 ifindex;
+	__u8 family;          /* AF_INET or AF_INET6 */
+	__u8 _pad[3];
+};
+
+#pragma clang diagnostic pop
+
+#endif

@@ -1,0 +1,67 @@
+"""--l7-source selection and the merge of the packet and syscall paths' snapshots (no kernel)."""
+from __future__ import annotations
+
+import pytest
+
+from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpStats
+from meshlens.agent.sources.l7.packets import PacketHttpSource
+from meshlens.agent.sources.l7.select import BothHttpSource, l7_sources_for
+from meshlens.agent.sources.l7.http import HttpSource
+
+
+class FakePart:
+    def __init__(self, snap: HttpSnapshot) -> None:
+        self.snap = snap
+        self.swept = 0
+
+    def sweep(self, now_ns: int) -> None:
+        self.swept += 1
+
+    def snapshot(self) -> HttpSnapshot:
+        return self.snap
+
+
+def key(cgroup: int, process: str, status: int = 200) -> HttpSeriesKey:
+    return HttpSeriesKey("server", process, cgroup, 4026532000, "GET", status, "/x", "10.0.0.2", 80)
+
+
+def stats(n: int) -> HttpStats:
+    st = HttpStats()
+    for _ in range(n):
+        st.count += 1
+        st.duration.observe(0.003)
+    return st
+
+
+def test_modes() -> None:
+    assert [type(s) for s in l7_sources_for("syscalls")][0] is HttpSource
+    assert [type(s) for s in l7_sources_for("packets")][0] is PacketHttpSource
+    both = l7_sources_for("auto")
+    assert isinstance(both[0], BothHttpSource) and both[1].tracker is both[0].dns
+    assert both[0].packets.dns is both[0].syscalls.dns, "one DNS tracker pairs both paths' records"
+    assert both[0].packets.on_pod_netns == both[0].syscalls.cover_netns
+    with pytest.raises(ValueError, match="l7-source"):
+        l7_sources_for("ebpf")
+
+
+def test_merge_keeps_series_apart_and_sums_shared_ones() -> None:
+    both = BothHttpSource()
+    pkt = FakePart(HttpSnapshot({key(0, ""): stats(7), key(5, "nginx", 404): stats(1)}, {"pkt_desync": 2, "bad_start": 1}, 1, 0))
+    sysc = FakePart(HttpSnapshot({key(5, "nginx"): stats(3), key(5, "nginx", 404): stats(2)}, {"bad_start": 4}, 0, 3))
+    both._started = [sysc, pkt]  # type: ignore[list-item]
+    both.sweep(0)
+    snap = both.snapshot()
+    assert {k: st.count for k, st in snap.series.items()} == {
+        key(0, ""): 7, key(5, "nginx"): 3, key(5, "nginx", 404): 3}
+    assert snap.series[key(5, "nginx", 404)].duration.count == 3
+    assert snap.parse_errors == {"pkt_desync": 2, "bad_start": 5}
+    assert (snap.route_overflows, snap.overflow_records) == (1, 3)
+    assert pkt.swept == sysc.swept == 1
+
+
+def test_cover_netns_before_start_is_remembered() -> None:
+    src = HttpSource()
+    src.cover_netns(4026532111, True)
+    src.cover_netns(4026532222, True)
+    src.cover_netns(4026532111, False)
+    assert src._covered == {4026532222}
