@@ -16,17 +16,19 @@ BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf/include -Wall -We
 
 # Debian packages: build (clang, libbpf), runtime (libbpf1, iproute2), and the real servers,
 # clients and tools the integration tests and benchmarks drive; qemu, busybox and kmod boot
-# the kernel-matrix guest (Debian's 6.1 kernel, tests/kernel_matrix).
+# the kernel-matrix guest (Debian's 6.1 kernel, tests/kernel_matrix); podman and its helpers
+# build and run the container image (daemonset/Containerfile).
 APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light iperf3 \
             dnsmasq-base wrk prometheus curl python3-venv procps bpfcc-tools \
-            iputils-ping qemu-system-x86 busybox-static kmod
+            iputils-ping qemu-system-x86 busybox-static kmod podman runc catatonit conmon \
+            containernetworking-plugins debootstrap uidmap
 
 METRICS_ADDR ?= 127.0.0.1:9433
 PYTEST_ARGS  ?=
 
-.PHONY: all run test unit integration kernel-matrix lint-imports bench deps mounts bpf vmlinux clean
+.PHONY: all run test unit integration kernel-matrix lint-imports bench deps mounts bpf vmlinux clean image base-image podman-conf
 
-all: deps bpf mounts
+all: deps bpf mounts podman-conf
 
 run: all
 	$(VENV)/bin/meshlens run --metrics-addr $(METRICS_ADDR)
@@ -70,7 +72,10 @@ $(STAMPS)/venv.stamp: setup.py $(STAMPS)/apt.stamp
 
 bpf: $(BPF_OBJ)
 
-$(BPF_OBJDIR)/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) $(STAMPS)/apt.stamp
+# Inside the image build (MESHLENS_NO_APT=1) the Containerfile has installed the compiler itself.
+APT_STAMP := $(if $(MESHLENS_NO_APT),,$(STAMPS)/apt.stamp)
+
+$(BPF_OBJDIR)/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) $(APT_STAMP)
 	@mkdir -p $(BPF_OBJDIR)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
@@ -82,6 +87,59 @@ mounts:
 # Regenerate the committed vmlinux.h from this machine's kernel BTF (not part of the build).
 vmlinux:
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
+
+# ---- container image (daemonset/Containerfile), built with podman -------------------------
+# podman on these machines: runc (crun refuses the hybrid cgroup layout) and explicit
+# rlimits (the sandbox's bounding set lacks CAP_SYS_RESOURCE, so podman's defaults fail).
+# A drop-in file, rewritten only when its content differs.
+PODMAN_CONF := /etc/containers/containers.conf.d/50-meshlens.conf
+define PODMAN_CONF_TEXT
+# written by meshlens' Makefile (make podman-conf)
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+endef
+export PODMAN_CONF_TEXT
+
+podman-conf: $(STAMPS)/apt.stamp
+	@mkdir -p $(dir $(PODMAN_CONF))
+	@printf '%s\n' "$$PODMAN_CONF_TEXT" | cmp -s - $(PODMAN_CONF) || \
+	    { printf '%s\n' "$$PODMAN_CONF_TEXT" > $(PODMAN_CONF); echo "wrote $(PODMAN_CONF)"; }
+
+# No registry is reachable: the base image is Debian's minbase from debootstrap, imported
+# into podman. The root filesystem tarball is cached outside the repo, keyed by what made it.
+IMAGE        ?= localhost/meshlens:0.1.0
+DEB_SUITE    := bookworm
+DEB_MIRROR   ?= http://deb.debian.org/debian
+BASE_KEY     := $(DEB_SUITE)-minbase-$(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+BASE_IMAGE   := localhost/meshlens-base:$(BASE_KEY)
+IMAGE_CACHE  ?= /var/cache/meshlens
+BASE_TAR     := $(IMAGE_CACHE)/base-$(BASE_KEY).tar
+
+$(BASE_TAR): | $(STAMPS)/apt.stamp
+	@mkdir -p $(IMAGE_CACHE)
+	@rm -rf $(IMAGE_CACHE)/rootfs.tmp
+	debootstrap --variant=minbase $(DEB_SUITE) $(IMAGE_CACHE)/rootfs.tmp $(DEB_MIRROR) > $(IMAGE_CACHE)/debootstrap.log 2>&1 \
+	    || { tail -20 $(IMAGE_CACHE)/debootstrap.log; exit 1; }
+	rm -rf $(IMAGE_CACHE)/rootfs.tmp/var/cache/apt/archives/*.deb $(IMAGE_CACHE)/rootfs.tmp/var/lib/apt/lists/*
+	tar -C $(IMAGE_CACHE)/rootfs.tmp --numeric-owner -cf $@.tmp . && mv $@.tmp $@
+	rm -rf $(IMAGE_CACHE)/rootfs.tmp
+
+base-image: podman-conf $(BASE_TAR)
+	@podman image exists $(BASE_IMAGE) || podman import \
+	    --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+	    --change "CMD /bin/bash" $(BASE_TAR) $(BASE_IMAGE)
+
+# podman's layer cache makes a rebuild with unchanged sources take seconds. apt inside the
+# build needs the host's network (no CNI set-up is assumed).
+HOST_CA      ?= /etc/ssl/certs/ca-certificates.crt
+
+image: base-image
+	podman build --network=host --layers --build-arg BASE=$(BASE_IMAGE) \
+	    $(if $(wildcard $(HOST_CA)),--volume $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) \
+	    -f daemonset/Containerfile -t $(IMAGE) .
 
 bench: all
 	$(PY) -m bench.run

@@ -4,9 +4,9 @@ attaching every source, then detaching). Exit status 0 only if the agent can run
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, TextIO
+from typing import Callable, List, Optional, TextIO, Tuple
 
-from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel import bpf, capabilities
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import Source
 
@@ -21,10 +21,26 @@ class Result:
     fatal: bool = True
 
 
-def requirement_checks(kf: KernelFeatures) -> List[Result]:
-    caps_hint = "run as root, or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_RESOURCE"
+def capability_checks(features: Tuple[str, ...], cap_eff: Optional[int] = None,
+                      host_pid: Optional[bool] = None) -> List[Result]:
+    """One line per capability the configured features need, naming it; and whether /proc
+    shows the node's processes."""
+    cap_eff = capabilities.effective() if cap_eff is None else cap_eff
+    absent = {n.cap for n in capabilities.missing(features, cap_eff)}
+    out = [Result(n.cap not in absent, f"CAP_{n.cap} held ({n.why})",
+                  f"CAP_{n.cap} is missing: run as root, or add {n.cap} to the container's capabilities")
+           for n in capabilities.needed(features)]
+    host_pid = capabilities.in_host_pid_namespace() if host_pid is None else host_pid
+    out.append(Result(host_pid, "the node's processes are visible in /proc (host pid namespace)",
+                      "in a container set hostPID: true: without it pods are named by cgroup only and "
+                      "a crashed agent's tc filters are left in place", fatal=False))
+    return out
+
+
+def requirement_checks(kf: KernelFeatures, features: Tuple[str, ...] = ("l4", "l7", "tc"),
+                       cap_eff: Optional[int] = None) -> List[Result]:
     results = [
-        Result(kf.is_root, "running with privileges to load BPF programs", caps_hint),
+        *capability_checks(features, cap_eff),
         Result(kf.btf, "kernel BTF available at /sys/kernel/btf/vmlinux",
                "CO-RE needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020)"),
         Result(bool(kf.tracefs), f"tracefs mounted at {kf.tracefs or '/sys/kernel/tracing'}",

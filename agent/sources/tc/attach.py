@@ -129,21 +129,48 @@ def delete_filter(ipr: IPRoute, f: TcFilter) -> bool:
         raise
 
 
-def held_prog_ids(proc: Path = Path("/proc")) -> Set[int]:
+class HolderScan(set):
+    """Ids of BPF programs some live process holds; `complete` is False when the fds of some
+    meshlens process could not be read (no CAP_SYS_PTRACE over it) or /proc does not show
+    the node's processes (a container without hostPID): then absence proves nothing.
+    Unreadable processes that are not meshlens (by their world-readable cmdline) are
+    skipped: only an agent holds the programs its filters run."""
+
+    def __init__(self, ids: Iterable[int] = (), complete: bool = True) -> None:
+        super().__init__(ids)
+        self.complete = complete
+
+
+def _is_meshlens(pid_dir: Path) -> bool:
+    try:
+        return b"meshlens" in (pid_dir / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def held_prog_ids(proc: Path = Path("/proc"), host_pid: Optional[bool] = None) -> HolderScan:
     """Ids of BPF programs some live process holds through a program or link fd."""
-    ids: Set[int] = set()
+    from meshlens.agent.kernel.capabilities import in_host_pid_namespace
+
+    ids = HolderScan(complete=in_host_pid_namespace() if host_pid is None else host_pid)
     for pid_dir in proc.iterdir():
         if not pid_dir.name.isdigit():
             continue
         try:
             fds = list((pid_dir / "fd").iterdir())
+        except FileNotFoundError:
+            continue
         except OSError:
+            ids.complete = ids.complete and not _is_meshlens(pid_dir)
             continue
         for fd in fds:
             try:
                 target = os.readlink(fd)
-            except OSError:
+            except FileNotFoundError:
                 continue
+            except OSError:
+                ids.complete = ids.complete and not _is_meshlens(pid_dir)
+                break
             if not target.startswith(("anon_inode:bpf-prog", "anon_inode:bpf_link")):
                 continue
             try:
@@ -159,7 +186,9 @@ def held_prog_ids(proc: Path = Path("/proc")) -> Set[int]:
 def remove_stale_filters(ifindexes: Optional[Iterable[int]] = None,
                          held: Optional[Callable[[], Set[int]]] = None) -> List[TcFilter]:
     """Delete meshlens filters whose program no live process holds (left by a crashed agent)
-    on the given interfaces (default: every link of this netns). Returns what was removed."""
+    on the given interfaces (default: every link of this netns). Returns what was removed.
+    When the scan of holders is incomplete nothing is removed: a filter whose holder cannot
+    be seen may belong to a live agent."""
     removed: List[TcFilter] = []
     with IPRoute() as ipr:
         if ifindexes is None:
@@ -168,6 +197,10 @@ def remove_stale_filters(ifindexes: Optional[Iterable[int]] = None,
         if not candidates:
             return removed
         alive = (held or held_prog_ids)()
+        if not getattr(alive, "complete", True):
+            log.warning("%d meshlens tc filters found whose holders cannot be checked (needs hostPID and "
+                        "CAP_SYS_PTRACE): left in place", sum(1 for f in candidates if f.prog_id not in alive))
+            return removed
         for f in candidates:
             if f.prog_id in alive:
                 continue
