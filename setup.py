@@ -45,7 +45,11 @@ setup(
         "fastapi>=0.100",
         "kubernetes>=30",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2", "import-linter>=2.0"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2", "import-linter>=2.0",
+                             # daemonset/ checks: Kubernetes schemas, Prometheus Operator CRD models
+                             # (their pytest plugin imports filelock)
+                             "kubernetes-validate>=1.30", "cloudcoil.models.prometheus-operator>=0.80",
+                             "filelock>=3"]},
     entry_points={"console_scripts": ["meshlens=meshlens.exporter.cli:main"]},
     cmdclass={"build_py": BuildWithBpf},
 )
