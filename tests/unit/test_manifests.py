@@ -17,8 +17,9 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as monitoring_v1
 
-from meshlens.agent import capabilities, k8s_watch
-from meshlens.agent.cli import _parser
+from meshlens.agent.identity import k8s_watch
+from meshlens.agent.kernel import capabilities
+from meshlens.exporter.cli import _parser
 from tests.manifests import DAEMONSET_DIR, MANIFESTS, all_documents, dashboard, documents, rule_groups
 
 K8S_VERSION = "1.30"
