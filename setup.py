@@ -44,6 +44,7 @@ setup(
         "grpcio>=1.50",
         "fastapi>=0.100",
         "kubernetes>=30",
+        "pydantic-settings>=2.3",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "requests>=2", "import-linter>=2.0",
                              # daemonset/ checks: Kubernetes schemas, Prometheus Operator CRD models

@@ -12,8 +12,8 @@ from typing import List, Optional
 from meshlens.agent.identity.setup import add_identity_arguments, identity_from_args
 from meshlens.agent.lifecycle import DEFAULT_STATE_DIR, AlreadyRunning, InstanceLock, cleanup_stale_pins, install_stop_handlers
 from meshlens.agent.runner import Agent, AgentConfig, default_sources
-from meshlens.agent.sources.saturation.source import SatConfig
-from meshlens.agent.sources.tcp.source import TcpConfig
+
+from .config import ConfigError, add_config_arguments, print_defaults, resolve_run_args
 
 log = logging.getLogger("meshlens")
 
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run the agent on this node")
+    run = sub.add_parser("run", help="run the agent on this node", allow_abbrev=False)  # no --auth-token prefix
     run.add_argument("--metrics-addr", default="127.0.0.1:9433", help="HOST:PORT for /metrics (default %(default)s)")
     run.add_argument("--sweep-interval", type=float, default=1.0, help="seconds between kernel map sweeps")
     run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="lock file directory")
@@ -50,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
+    add_config_arguments(run)
     sub.add_parser("check", help="check that this kernel can run the agent")
+    cfg = sub.add_parser("config", help="print the settings file format")
+    cfg.add_argument("--print-defaults", action="store_true", required=True,
+                     help="print every setting with its default, as a file `run --config` reads")
     return p
 
 
@@ -97,15 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"meshlens: {exc}", file=sys.stderr)
         return 1
     cleanup_stale_pins()
-    config = AgentConfig(
-        sweep_interval_s=args.sweep_interval,
-        map_window_s=args.map_window,
-        features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
-        map_interval_s=args.map_interval,
-        l7_source=args.l7_source,
-        tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
-        sat=SatConfig(walk_interval_s=args.socket_walk_interval),
-    )
+    config = args.settings.agent_config()
     stop = threading.Event()
     install_stop_handlers(stop)
     agent = Agent(config, identity=identity.view, watch_status=identity.status)
@@ -136,12 +132,24 @@ def cmd_check(_args: argparse.Namespace) -> int:
     return run_check(sys.stdout, lambda kf: default_sources(AgentConfig(), kf))
 
 
+def cmd_config(_args: argparse.Namespace) -> int:
+    sys.stdout.write(print_defaults())
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        try:
+            args = resolve_run_args(parser, args, argv)  # file < environment < flags
+        except ConfigError as exc:
+            print(f"meshlens: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         logging.getLogger("meshlens.libbpf").setLevel(logging.WARNING)
-    return {"run": cmd_run, "check": cmd_check}[args.cmd](args)
+    return {"run": cmd_run, "check": cmd_check, "config": cmd_config}[args.cmd](args)
 
 
 if __name__ == "__main__":
