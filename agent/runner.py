@@ -48,15 +48,24 @@ class AgentConfig:
 FEATURES = ("l4", "l7", "tc", "sat")
 
 
-def default_sources(config: AgentConfig, features: KernelFeatures) -> List[Source]:
+def default_sources(config: AgentConfig, features: KernelFeatures,
+                    identity: Optional[IdentityView] = None) -> List[Source]:
     """The sources for the configured features, in start order. L4 always runs: the flow
-    table, the service map and the agent's health build on it."""
-    flows = FlowTable(config.tcp.max_rollups, config.tcp.rollup_ttl_s)
+    table, the service map and the agent's health build on it. `identity` tells the flow
+    table which peers are external (only those are folded per workload)."""
+    view = identity or StandaloneIdentity()
+
+    def is_external(address: str) -> bool:
+        return view.peer(address).owner_kind == "external"
+
+    flows = FlowTable(config.tcp.max_rollups, config.tcp.rollup_ttl_s,
+                      max_peers_per_workload=config.tcp.max_peers_per_workload, is_external=is_external)
     sources: List[Source] = [TcpSource(flows, config.tcp, features)]
     if "l7" in config.features:
         sources += l7_sources_for(config.l7_source, config.http, features)
     if "tc" in config.features:
-        sources.append(TcSource(TcConfig(), features))
+        sources.append(TcSource(TcConfig(max_peers_per_interface=config.tcp.max_peers_per_workload), features,
+                                is_external=is_external))
     if "sat" in config.features:
         sources.append(SaturationSource(config.sat, features))
     return sources
@@ -68,8 +77,8 @@ class Agent:
                  watch_status: Callable[[], Dict[str, object]] = dict) -> None:
         self.config = config
         self.features = features or KernelFeatures.probe()
-        self.sources = sources if sources is not None else default_sources(config, self.features)
         self.identity: IdentityView = identity or StandaloneIdentity()
+        self.sources = sources if sources is not None else default_sources(config, self.features, self.identity)
         # one cgroup cache for naming and identity
         self.cgroups: CgroupResolver = getattr(self.identity, "cgroups", None) or CgroupResolver()
         self._watch_status = watch_status

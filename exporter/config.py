@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     http_conns_map_size: PositiveInt = Field(16384, description="kernel HTTP connection map entries")
     http_stats_map_size: PositiveInt = Field(8192, description="kernel HTTP series map entries")
     max_flows: PositiveInt = Field(10_000, description="cap on flow rollups (series per metric)")
+    max_series: PositiveInt = Field(20_000, description="node-wide series budget of the TCP flow table: rollups "
+                                                         "are capped at this divided by the series one rollup exports")
+    external_peers_per_workload: int = Field(32, ge=0, description="external peer addresses kept per workload; "
+                                                                    "the rest fold into one `external` peer (0 = no cap)")
     # TTLs
     flow_ttl: PositiveFloat = Field(600.0, description="seconds before an idle rollup stops being exported")
     pod_ttl: float = Field(DEFAULT_TTL_S, ge=0, description="seconds a deleted pod's series stay")
@@ -119,6 +123,12 @@ class Settings(BaseSettings):
             return self.auth_token_file.read_text().strip() or None
         return None
 
+    def max_rollups(self) -> int:
+        """The flow table's cap: --max-flows, lowered to what the series budget allows."""
+        from .prometheus.tcp import series_per_rollup
+
+        return max(1, min(self.max_flows, self.max_series // series_per_rollup()))
+
     def agent_config(self) -> AgentConfig:
         return AgentConfig(
             sweep_interval_s=self.sweep_interval,
@@ -126,7 +136,8 @@ class Settings(BaseSettings):
             map_interval_s=self.map_interval,
             l7_source=self.l7_source,
             features=tuple(sorted(self.features.split(","))),
-            tcp=TcpConfig(conns_max_entries=self.conns_map_size, max_rollups=self.max_flows, rollup_ttl_s=self.flow_ttl),
+            tcp=TcpConfig(conns_max_entries=self.conns_map_size, max_rollups=self.max_rollups(), rollup_ttl_s=self.flow_ttl,
+                          max_peers_per_workload=self.external_peers_per_workload),
             sat=SatConfig(walk_interval_s=self.socket_walk_interval),
             http=HttpConfig(conns_max_entries=self.http_conns_map_size, stats_max_entries=self.http_stats_map_size,
                             sample_every=self.http_sample_every),
@@ -209,7 +220,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"YAML settings file (default ${CONFIG_ENV}); environment and flags override it")
     parser.add_argument("--auth-token-file", default=None, metavar="FILE",
                         help="file holding the API bearer token (or set $MESHLENS_AUTH_TOKEN)")
-    for name in ("http_sample_every", "http_conns_map_size", "http_stats_map_size"):
+    for name in ("max_series", "external_peers_per_workload", "http_sample_every", "http_conns_map_size",
+                 "http_stats_map_size"):
         field = Settings.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
 

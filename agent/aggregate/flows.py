@@ -11,8 +11,14 @@ client's ephemeral port would make every connection its own series. Accepted soc
 their process only when the owning process first reads or writes; until then their counts
 wait in the connection record, and they are credited at that point (or at close).
 
-Bounded: at most `max_rollups` keys; new keys beyond that go to one overflow key and are
-counted. Keys without live connections and without updates for `ttl` seconds expire.
+Bounded, never silently: at most `max_rollups` keys (the node's series budget divided by
+the series one rollup exports); new keys beyond that go to one overflow key and are
+counted. External peers (addresses identity cannot name as a pod or service) are kept per
+address only up to `max_peers_per_workload` per local workload (cgroup, netns, direction):
+the connections of further addresses are credited to one peer named `external` for that
+workload, and counted, so totals stay exact. A kept peer that goes idle for `ttl` expires
+and frees its place. Keys without live connections and without updates for `ttl` seconds
+expire.
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 from meshlens.agent.sources.histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
+from meshlens.agent.sources.base import FOLDED_PEER
 from meshlens.agent.sources.tcp.facts import ConnFacts
 
-__all__ = ["OVERFLOW", "OVERFLOW_KEY", "ConnFacts", "FlowSnapshot", "FlowTable", "Rollup", "RollupKey"]
+__all__ = ["FOLDED_PEER", "OVERFLOW", "OVERFLOW_KEY", "ConnFacts", "FlowSnapshot", "FlowTable", "Rollup", "RollupKey"]
 
 OVERFLOW = "__overflow__"
 
@@ -95,6 +102,8 @@ class FlowSnapshot:
     rollup_overflows: int
     rollups_expired: int
     max_rollups: int
+    peers_folded: int = 0           # connections credited to a workload's `external` peer
+    max_peers_per_workload: int = 0
 
 
 def server_port_of(direction: str, local_port: int, peer_port: int) -> int:
@@ -111,9 +120,16 @@ class FlowTable:
         max_rollups: int = 10_000,
         ttl: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        max_peers_per_workload: int = 0,
+        is_external: Callable[[str], bool] = lambda address: True,
     ) -> None:
         self.max_rollups = max_rollups
         self.ttl = ttl
+        self.max_peers_per_workload = max_peers_per_workload  # 0: no per-workload cap
+        self.is_external = is_external
+        self.peers_folded = 0
+        # (direction, cgroup, netns) -> external peer address -> rollups keyed with it
+        self._kept_peers: Dict[Tuple[str, int, int], Dict[str, int]] = {}
         self._clock = clock
         self._conns: Dict[Tuple[int, int], _Conn] = {}
         self._rollups: Dict[RollupKey, Rollup] = {}
@@ -139,19 +155,54 @@ class FlowTable:
         return self._key_of(f)
 
     def _admit(self, key: Optional[RollupKey]) -> Optional[RollupKey]:
-        """The key a connection is credited to: its own, or OVERFLOW_KEY once the cap is
-        reached (decided once per connection, counted once)."""
+        """The key a connection is credited to: its own; its workload's `external` peer once
+        that workload keeps max_peers_per_workload external addresses; OVERFLOW_KEY once
+        the rollup cap is reached (decided once per connection, each counted once)."""
         if key is None or key in self._rollups:
+            return key
+        key = self._fold_peer(key)
+        if key in self._rollups:
             return key
         if len(self._rollups) - (OVERFLOW_KEY in self._rollups) >= self.max_rollups:
             self.rollup_overflows += 1
             return OVERFLOW_KEY
         return key
 
+    @staticmethod
+    def _workload_of(key: RollupKey) -> Tuple[str, int, int]:
+        return key.direction, key.cgroup_id, key.netns
+
+    def _fold_peer(self, key: RollupKey) -> RollupKey:
+        cap = self.max_peers_per_workload
+        if not cap or key.peer_address in ("", FOLDED_PEER, OVERFLOW):
+            return key
+        kept = self._kept_peers.get(self._workload_of(key), {})
+        if key.peer_address in kept or len(kept) < cap or not self.is_external(key.peer_address):
+            return key
+        self.peers_folded += 1
+        return RollupKey(key.direction, key.process, key.cgroup_id, key.netns, FOLDED_PEER, key.server_port)
+
+    def _track_peer(self, key: RollupKey, by: int) -> None:
+        """Count the rollups that keep an external peer's address, per workload."""
+        if not self.max_peers_per_workload or key.peer_address in ("", FOLDED_PEER, OVERFLOW):
+            return
+        if by > 0 and not self.is_external(key.peer_address):
+            return
+        wl = self._workload_of(key)
+        kept = self._kept_peers.setdefault(wl, {})
+        n = kept.get(key.peer_address, 0) + by
+        if n > 0:
+            kept[key.peer_address] = n
+        else:
+            kept.pop(key.peer_address, None)
+            if not kept:
+                del self._kept_peers[wl]
+
     def _rollup(self, key: RollupKey) -> Rollup:
         r = self._rollups.get(key)
         if r is None:
             r = self._rollups[key] = Rollup()
+            self._track_peer(key, +1)
         r.last_update = self._clock()
         return r
 
@@ -269,6 +320,7 @@ class FlowTable:
             dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and k not in live_keys]
             for k in dead:
                 del self._rollups[k]
+                self._track_peer(k, -1)
             self.rollups_expired += len(dead)
             return len(dead)
 
@@ -283,7 +335,8 @@ class FlowTable:
                 copy = r.copy()
                 copy.active = active.get(k, 0)
                 rollups[k] = copy
-            return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups)
+            return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups,
+                                self.peers_folded, self.max_peers_per_workload)
 
     def __len__(self) -> int:
         return len(self._conns)

@@ -16,6 +16,8 @@ from meshlens.agent.kernel.bpf import BpfObject, RingBuffer
 
 __all__ = ["AttachChoice", "ObjectSource", "Source", "SourceHealth"]
 
+FOLDED_PEER = "external"  # peer address of the series that folded external peers are summed into
+
 
 @dataclass(frozen=True)
 class SourceHealth:

@@ -6,6 +6,7 @@ from typing import Iterable
 
 from meshlens.agent.aggregate.flows import FlowSnapshot
 from meshlens.agent.aggregate.snapshot import AgentSnapshot
+from meshlens.agent.sources.tc.source import TcSnapshot
 
 from meshlens.exporter.prometheus.metrics import family
 
@@ -30,11 +31,19 @@ def agent_families(snap: AgentSnapshot) -> Iterable[object]:
         for ch in choices:
             attach.add_metric([src, ch.signal, ch.chosen or "none"], 1 if ch.chosen else 0)
     over, expired, live = family("meshlens_agent_flow_overflows"), family("meshlens_agent_flows_expired"), family("meshlens_agent_flows_live")
+    folded, rollups, capacity = (family("meshlens_agent_flow_peers_folded"), family("meshlens_agent_flow_rollups"),
+                                 family("meshlens_agent_flow_rollup_capacity"))
+    rtt_folded = family("meshlens_agent_rtt_peers_folded")
     for src, area in sorted(snap.areas.items()):
         if isinstance(area, FlowSnapshot):
             over.add_metric([src], area.rollup_overflows)
             expired.add_metric([src], area.rollups_expired)
             live.add_metric([src], area.live_connections)
+            folded.add_metric([src], area.peers_folded)
+            rollups.add_metric([src], len(area.rollups))
+            capacity.add_metric([src], area.max_rollups)
+        elif isinstance(area, TcSnapshot):
+            rtt_folded.add_metric([src], area.peers_folded)
     cpu = family("meshlens_agent_cpu_seconds")
     cpu.add_metric(["user"], snap.process.cpu_user_s)
     cpu.add_metric(["system"], snap.process.cpu_system_s)
@@ -42,7 +51,7 @@ def agent_families(snap: AgentSnapshot) -> Iterable[object]:
     rss.add_metric([], snap.process.rss_bytes)
     sweeps = family("meshlens_agent_sweeps")
     sweeps.add_metric([], snap.sweeps)
-    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, cpu, rss, sweeps, *watch_families(snap)]
+    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, folded, rollups, capacity, rtt_folded, cpu, rss, sweeps, *watch_families(snap)]
 
 
 def watch_families(snap: AgentSnapshot) -> Iterable[object]:

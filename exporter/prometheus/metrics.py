@@ -106,6 +106,16 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_agent_map_capacity_entries", "gauge", "Maximum entries of a kernel map.", ("source", "map")),
         _d("meshlens_agent_flow_overflows", "counter",
            "Flow rollups folded into the __overflow__ series because the rollup cap was reached.", ("source",)),
+        _d("meshlens_agent_flow_peers_folded", "counter",
+           "Connections credited to their workload's `external` peer because it already keeps "
+           "--external-peers-per-workload external peer addresses.", ("source",)),
+        _d("meshlens_agent_rtt_peers_folded", "gauge",
+           "Peer addresses whose handshake RTT is summed into their interface's `external` peer (at the last sweep).",
+           ("source",)),
+        _d("meshlens_agent_flow_rollups", "gauge", "Flow rollups in the table (the overflow and `external` ones included).",
+           ("source",)),
+        _d("meshlens_agent_flow_rollup_capacity", "gauge", "Rollup cap: the series budget (--max-series) divided by "
+           "the series per rollup, or --max-flows if lower.", ("source",)),
         _d("meshlens_agent_flows_expired", "counter", "Idle flow rollups expired after the TTL.", ("source",)),
         _d("meshlens_agent_flows_live", "gauge", "Connections currently tracked by the flow table.", ("source",)),
         _d("meshlens_agent_attach_info", "gauge", "Attach point chosen for each signal (value 1).",

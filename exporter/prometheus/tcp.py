@@ -25,6 +25,20 @@ _HISTOGRAMS = (
 )
 
 
+CONNECT_FAILURE_REASONS = 5  # refused, timeout, unreachable, aborted, other
+
+
+def series_per_rollup() -> int:
+    """Series one rollup can export at most: each counter, the active gauge, one
+    connect-failure series per reason, and per histogram its buckets, +Inf, _sum and _count.
+    The node's series budget divided by this is the flow table's rollup cap."""
+    from meshlens.agent.aggregate.flows import Rollup
+
+    r = Rollup()
+    histograms = sum(len(getattr(r, attr).cumulative()) + 2 for _, attr in _HISTOGRAMS)
+    return len(_COUNTERS) + 1 + CONNECT_FAILURE_REASONS + histograms
+
+
 def tcp_labels(key: RollupKey, snap: AgentSnapshot) -> Optional[List[str]]:
     """Label values in TCP_LABELS order, or None when the series belongs to a pod deleted
     more than the identity TTL ago (it stops being exported)."""

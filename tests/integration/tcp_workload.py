@@ -4,6 +4,8 @@ server: accept --count connections; from each read exactly --recv bytes, send --
         then close (or reset with SO_LINGER 0 when --reset). Prints a JSON summary.
 client: make --count connections to HOST:PORT, one after another (or --parallel at a time);
         send --send bytes, read until EOF, close. Prints a JSON summary with bytes read.
+        With --source-net NET --source-count K, connection i binds to NET's (1 + i % K)th
+        address first (many distinct client addresses from one pod).
 connect: try --count connects to HOST:PORT with a timeout; prints how each ended (errno).
 bulk:   send --send bytes on one connection as fast as possible (for loss tests).
 sink:   accept one connection and read until EOF.
@@ -69,8 +71,16 @@ def client(a: argparse.Namespace) -> dict:
     lock = threading.Lock()
     totals = {"connections": 0, "sent": 0, "received": 0}
 
-    def one(_: int) -> None:
-        with socket.create_connection((a.host, a.port), timeout=10) as s:
+    sources = None
+    if a.source_net:
+        import ipaddress
+
+        net = ipaddress.ip_network(a.source_net)
+        sources = [str(net.network_address + 1 + i) for i in range(a.source_count)]
+
+    def one(i: int) -> None:
+        source = (sources[i % len(sources)], 0) if sources else None
+        with socket.create_connection((a.host, a.port), timeout=10, source_address=source) as s:
             s.sendall(payload)
             got = 0
             try:
@@ -138,6 +148,8 @@ def main() -> int:
     p.add_argument("--recv", type=int, default=0)
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--source-net", default="")
+    p.add_argument("--source-count", type=int, default=0)
     p.add_argument("--reset", action="store_true")
     a = p.parse_args()
     result = {"server": server, "client": client, "connect": connect, "bulk": bulk, "sink": sink}[a.mode](a)

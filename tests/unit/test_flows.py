@@ -158,3 +158,60 @@ def test_connections_older_than_the_agent_are_not_counted_as_opened(clock: Clock
     t.closed(replace(old, bytes_sent=9), 100.0)
     _, r = only(t)
     assert (r.opened, r.closed, r.bytes_sent) == (0, 1, 9)
+
+
+def test_external_peers_beyond_the_workload_cap_fold_exactly(clock: Clock) -> None:
+    t = FlowTable(max_peers_per_workload=4, clock=clock, is_external=lambda a: not a.startswith("10.9."))
+    n = 1009
+    for i in range(n):
+        f = facts(sk=i, direction="inbound", local_port=8080, peer_port=50000 + i,
+                  peer_address=f"203.0.{i // 250}.{i % 250}")
+        t.seen(f)
+        t.closed(replace(f, bytes_received=4099, bytes_sent=613), 0.01)
+    for i in range(7):  # peers identity names (pods): never folded, whatever the cap
+        f = facts(sk=5000 + i, direction="inbound", local_port=8080, peer_address=f"10.9.0.{i}")
+        t.closed(replace(f, bytes_received=1), 0.01)
+    snap = t.snapshot()
+    peers = {k.peer_address: r for k, r in snap.rollups.items()}
+    external = peers.pop("external")
+    assert len([p for p in peers if p.startswith("203.")]) == 4
+    assert len([p for p in peers if p.startswith("10.9.")]) == 7
+    assert external.closed == n - 4 and snap.peers_folded == n - 4
+    assert sum(r.closed for r in snap.rollups.values()) == n + 7
+    assert sum(r.bytes_received for r in snap.rollups.values()) == n * 4099 + 7
+    assert sum(r.bytes_sent for r in snap.rollups.values()) == n * 613
+    assert sum(r.opened for r in snap.rollups.values()) == n + 7
+
+
+def test_folding_is_per_workload_and_direction(clock: Clock) -> None:
+    t = FlowTable(max_peers_per_workload=2, clock=clock)
+    for netns in (1, 2):
+        for i in range(3):
+            t.closed(facts(sk=netns * 10 + i, netns=netns, peer_address=f"198.51.100.{i}"), 0.1)
+    snap = t.snapshot()
+    for netns in (1, 2):
+        mine = {k.peer_address for k in snap.rollups if k.netns == netns}
+        assert mine == {"198.51.100.0", "198.51.100.1", "external"}
+    assert snap.peers_folded == 2
+
+
+def test_an_expired_kept_peer_frees_its_place(clock: Clock) -> None:
+    t = FlowTable(max_peers_per_workload=1, ttl=60, clock=clock)
+    t.closed(facts(sk=1, peer_address="192.0.2.1"), 0.1)
+    t.closed(facts(sk=2, peer_address="192.0.2.2"), 0.1)  # folded: the place is taken
+    assert {k.peer_address for k in t.snapshot().rollups} == {"192.0.2.1", "external"}
+    clock.t += 61
+    assert t.expire() == 2
+    t.closed(facts(sk=3, peer_address="192.0.2.2"), 0.1)
+    assert {k.peer_address for k in t.snapshot().rollups} == {"192.0.2.2"}
+
+
+def test_series_budget_sets_the_rollup_cap() -> None:
+    from meshlens.exporter.config import Settings
+    from meshlens.exporter.prometheus.tcp import series_per_rollup
+
+    per = series_per_rollup()
+    assert Settings().max_rollups() == 20_000 // per          # the budget is below --max-flows
+    assert Settings().max_rollups() * per <= 20_000
+    assert Settings(max_series=10**9, max_flows=77).max_rollups() == 77
+    assert Settings(max_series=1).max_rollups() == 1

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.attach import Signal, Variant, load_with_fallback
@@ -24,7 +24,7 @@ from meshlens.agent.kernel.drop_reasons import reason_name
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.kernel.libbpf import num_possible_cpus
 from meshlens.agent.sources.tc.link_watch import LinkInfo, LinkWatcher, NetnsResolver
-from meshlens.agent.sources.base import AttachChoice, ObjectSource, SourceHealth
+from meshlens.agent.sources.base import FOLDED_PEER, AttachChoice, ObjectSource, SourceHealth
 from meshlens.agent.sources.tc.attach import TcAttacher, remove_stale_filters
 from meshlens.agent.sources.tc.structs import (
     COUNTER_NAMES,
@@ -67,6 +67,9 @@ class TcConfig:
     syn_timeout_s: float = 10.0          # unanswered SYNs leave the `syns` map after this
     main_interface: Optional[str] = None  # also watch the node's main interface (by name)
     forget_after_s: float = 0.0           # keep a removed interface's last numbers this long
+    # handshake-RTT series keep this many external peer addresses per interface and role;
+    # the rest are summed into one peer named "external" (0 = no cap)
+    max_peers_per_interface: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,14 +110,17 @@ class TcSnapshot:
     drops: Dict[Tuple[int, str, str], int]            # (ifindex, side, reason)
     parse_failures: Dict[str, int]                    # reason -> count (all interfaces)
     syns_expired: int = 0
+    peers_folded: int = 0                             # peer addresses summed into "external" now
 
 
 class TcSource(ObjectSource):
     name = "tc"
 
     def __init__(self, config: TcConfig = TcConfig(), features: Optional[KernelFeatures] = None,
-                 watch: bool = True) -> None:
+                 watch: bool = True, is_external: Callable[[str], bool] = lambda address: True) -> None:
         self.config = config
+        self.is_external = is_external
+        self._rtt_kept: Dict[Tuple[int, str], Set[str]] = {}   # (ifindex, role) -> peers kept by address
         self.features = features or KernelFeatures.probe()
         self.watch = watch
         self.obj: Optional[bpf.BpfObject] = None
@@ -126,6 +132,7 @@ class TcSource(ObjectSource):
         self._interfaces: Dict[int, InterfaceInfo] = {}
         self._removed: Dict[int, float] = {}   # ifindex -> monotonic time it went away
         self._snap = TcSnapshot({}, {}, {}, {}, {})
+        self._peers_folded = 0
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self.attach_errors = 0
@@ -236,8 +243,14 @@ class TcSource(ObjectSource):
                 rtt_map.delete_raw(k)
                 continue
             h = sum_structs(percpu_values(v, TcRttHist, self._ncpu), TcRttHist)
-            rtt[(key.ifindex, ROLE_NAMES.get(key.role, "unknown"), format_addr(key.family, key.peer))] = RttSeries(
-                tuple(h.slots), h.count, h.sum_ns / 1e9)
+            rk = self._rtt_key(key.ifindex, ROLE_NAMES.get(key.role, "unknown"), format_addr(key.family, key.peer))
+            series = RttSeries(tuple(h.slots), h.count, h.sum_ns / 1e9)
+            prev = rtt.get(rk)
+            rtt[rk] = series if prev is None else RttSeries(
+                tuple(a + b for a, b in zip(prev.slots, series.slots)), prev.count + series.count, prev.sum_s + series.sum_s)
+        self._rtt_kept = {k: v for k, v in self._rtt_kept.items() if k[0] not in gone}
+        peers_folded = self._peers_folded
+        self._peers_folded = 0
         drops: Dict[Tuple[int, str, str], int] = {}
         drops_map = self.obj.map("drops")
         for k, v in drops_map.items_raw():
@@ -266,6 +279,7 @@ class TcSource(ObjectSource):
                 drops=drops,
                 parse_failures={r: kernel.get(r, 0) for r in PARSE_FAILURE_REASONS},
                 syns_expired=self.syns_expired,
+                peers_folded=peers_folded,
             )
 
     def _expire_syns(self, now_ns: int) -> None:
@@ -280,6 +294,22 @@ class TcSource(ObjectSource):
         self._entries["tc_syns"] = len(items)
 
     # ---- views ---------------------------------------------------------------------------
+    def _rtt_key(self, ifindex: int, role: str, peer: str) -> Tuple[int, str, str]:
+        """The series a kernel RTT entry is reported in: its own while the interface keeps
+        fewer than max_peers_per_interface external peers (first come, kept while the
+        kernel entry lives), else the interface's "external" peer (counted)."""
+        cap = self.config.max_peers_per_interface
+        if not cap:
+            return ifindex, role, peer
+        kept = self._rtt_kept.setdefault((ifindex, role), set())
+        if peer in kept:
+            return ifindex, role, peer
+        if len(kept) < cap or not self.is_external(peer):
+            kept.add(peer)
+            return ifindex, role, peer
+        self._peers_folded += 1
+        return ifindex, role, FOLDED_PEER
+
     def snapshot(self) -> TcSnapshot:
         with self._lock:
             return self._snap

@@ -111,6 +111,7 @@ class TcpConfig:
     emit_open_events: bool = False
     max_rollups: int = 10_000
     rollup_ttl_s: float = 600.0
+    max_peers_per_workload: int = 0     # external peer addresses kept per workload; 0 = no cap
 
 
 EVENT = RecordDecoder(MlEvent)
