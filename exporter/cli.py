@@ -58,39 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(args: argparse.Namespace) -> Optional[str]:
-    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive"
-    return None
-
-
-def _features_error(value: str) -> Optional[str]:
-    from meshlens.agent.runner import FEATURES
-
-    unknown = {f.strip() for f in value.split(",") if f.strip()} - set(FEATURES)
-    return f"--features: unknown {', '.join(sorted(unknown))} (choose from {', '.join(FEATURES)})" if unknown else None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from meshlens.exporter.prometheus.collector import MeshlensCollector
     from meshlens.exporter.http_server import serve_metrics
 
-    from meshlens.exporter.http_server import parse_addr
-
-    err = _positive(args)
-    if err is None:
-        err = _features_error(args.features)
-    if err is None:
-        try:
-            parse_addr(args.metrics_addr)  # refuse bad input before touching the kernel
-        except ValueError as exc:
-            err = str(exc)
-    if err is None:
-        try:
-            identity = identity_from_args(args)  # started with the agent; its view names series
-        except ValueError as exc:
-            err = str(exc)
+    err = None  # settings were validated by exporter/config.py before this runs
+    try:
+        identity = identity_from_args(args)  # started with the agent; its view names series
+    except ValueError as exc:
+        err = str(exc)
     if err:
         print(f"meshlens: {err}", file=sys.stderr)
         return 2

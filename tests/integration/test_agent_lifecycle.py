@@ -64,6 +64,11 @@ def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:
         assert set(programs) & set(loaded_programs()) == set(), "the restart left the crashed agent's tc filters"
         names = sorted(held(agent).values())
         assert sorted(set(names)) == names, f"a program is attached twice: {names}"
+        deadline = time.monotonic() + 5  # the new agent's own filters: one per hook and veth, none stacked
+        while time.monotonic() < deadline and _filter_count(srv.host_veth) != (1, 1):
+            time.sleep(0.1)
+        for pod in (srv, cli):
+            assert _filter_count(pod.host_veth) == (1, 1), f"{pod.host_veth}: {_filter_count(pod.host_veth)}"
         server = start_listener(srv, "server", "--host", "0.0.0.0", "--port", "8082", "--count", "17",
                                 "--recv", "211", "--send", "0")
         run_json(cli, "client", "--host", srv.ipv4, "--port", "8082", "--count", "17", "--send", "211")
@@ -71,6 +76,15 @@ def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:
         out = dict(**of(cli), direction="outbound")
         assert agent.wait_total("meshlens_tcp_connections_closed_total", 17, **out) == 17
         assert agent.total("meshlens_tcp_sent_bytes_total", **out) == 17 * 211
+
+
+def _filter_count(dev: str) -> tuple:
+    """(ingress, egress) meshlens tc filters on dev."""
+    out = []
+    for hook in ("ingress", "egress"):
+        text = subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True, text=True).stdout
+        out.append(text.count("meshlens-tc-"))
+    return tuple(out)
 
 
 def test_second_instance_is_refused() -> None:
@@ -84,7 +98,8 @@ def test_second_instance_is_refused() -> None:
 
 def test_bad_arguments_give_a_clear_error() -> None:
     res = subprocess.run([MESHLENS, "run", "--sweep-interval", "0"], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 2 and "--sweep-interval must be positive" in res.stderr
+    assert res.returncode == 2
+    assert res.stderr.strip() == "meshlens: sweep_interval: Input should be greater than 0 (from flag --sweep-interval)"
     res = subprocess.run([MESHLENS, "run", "--metrics-addr", "nonsense"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "bad listen address 'nonsense'" in res.stderr
 

@@ -165,9 +165,9 @@ def test_agent_container_counts_pod_traffic_exactly_and_detaches_on_stop(node, a
 
     # tc programs on both pods' host-side veths, held by the container's agent
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all("meshlens-tc" in _tc_filters(p.host_veth) for p in (srv, cli)):
+    while time.monotonic() < deadline and not all(f"handle {pid:#x} " in _tc_filters(p.host_veth) for p in (srv, cli)):
         time.sleep(0.2)
-    assert all("meshlens-tc-ingress" in _tc_filters(p.host_veth) for p in (srv, cli))
+    assert all(f"handle {pid:#x} " in _tc_filters(p.host_veth) for p in (srv, cli))
     held = _held_by(pid)
     assert {"handle_set_state", "meshlens_tc_in", "meshlens_tc_eg"} <= set(held.values())
     mem = _container_memory(ctr)
@@ -180,8 +180,10 @@ def test_agent_container_counts_pod_traffic_exactly_and_detaches_on_stop(node, a
     print(f"podman stop: exit {code} after {took:.1f} s")
     assert code == 0, ctr.log_text[-3000:]
     assert "all programs detached" in ctr.log_text
+    # other agents on this machine (other tests) may attach to these veths too: look for the
+    # container agent's own filters, whose handle is its pid (hostPID: the node's pid)
     for p in (srv, cli):
-        assert "meshlens" not in _tc_filters(p.host_veth), f"{p.host_veth} keeps a meshlens filter"
+        assert f"handle {pid:#x} " not in _tc_filters(p.host_veth), f"{p.host_veth} keeps the container's filter"
     still = set(held) & set(loaded_programs())
     assert not still, f"programs still loaded after the container stopped: {still}"
 
