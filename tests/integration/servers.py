@@ -495,8 +495,14 @@ class Prometheus(_Server):
     """Prometheus in the root netns on a free 127.0.0.1 port scraping `targets` (host:port)."""
 
     def __init__(self, targets: Sequence[str], scrape_interval: str = "1s", *,
-                 metrics_path: str = "/metrics", timeout: float = 30.0) -> None:
+                 metrics_path: str = "/metrics", timeout: float = 30.0, agent_mode: bool = False,
+                 remote_write_url: Optional[str] = None, remote_write_receiver: bool = False) -> None:
+        """agent_mode: scrape and forward only (no TSDB, no queries); remote_write_url: send
+        every sample there; remote_write_receiver: accept remote-write on /api/v1/write."""
         super().__init__("prometheus")
+        self.agent_mode = agent_mode
+        self.remote_write_url = remote_write_url
+        self.remote_write_receiver = remote_write_receiver
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
         self.metrics_path = metrics_path
@@ -506,20 +512,26 @@ class Prometheus(_Server):
 
     def config(self) -> dict[str, Any]:
         """The configuration (JSON is valid YAML)."""
-        return {
+        conf: dict[str, Any] = {
             "global": {"scrape_interval": self.scrape_interval, "scrape_timeout": self.scrape_interval,
                        "evaluation_interval": self.scrape_interval},
             "scrape_configs": [{"job_name": "meshlens-test", "metrics_path": self.metrics_path,
-                                "static_configs": [{"targets": self.targets}]}],
+                                "static_configs": [{"targets": self.targets}]}] if self.targets else [],
         }
+        if self.remote_write_url:
+            conf["remote_write"] = [{"url": self.remote_write_url,
+                                     "queue_config": {"batch_send_deadline": "1s", "max_backoff": "1s"}}]
+        return conf
 
     def _launch(self, timeout: float) -> None:
         with open(self._path("prometheus.yml"), "w") as conf:
             json.dump(self.config(), conf)
+        storage = ([f"--enable-feature=agent", f"--storage.agent.path={self._path('data')}"] if self.agent_mode
+                   else [f"--storage.tsdb.path={self._path('data')}"])
+        receiver = ["--web.enable-remote-write-receiver"] if self.remote_write_receiver else []
         proc = self._start(None, [
-            "prometheus", f"--config.file={self._path('prometheus.yml')}",
-            f"--storage.tsdb.path={self._path('data')}", f"--web.listen-address=127.0.0.1:{self.port}",
-            "--log.level=warn",
+            "prometheus", f"--config.file={self._path('prometheus.yml')}", *storage, *receiver,
+            f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
         ], "prometheus.log")
         deadline = time.monotonic() + timeout
         while not self._ready():
