@@ -126,3 +126,19 @@ def test_promtool_accepts_the_output(registry) -> None:
     assert b"meshlens_tcp_sent_bytes_total" in text
     res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     assert res.returncode == 0, res.stderr.decode() + res.stdout.decode()
+
+
+def test_series_per_rollup_is_what_a_full_rollup_exports() -> None:
+    """The series budget divides by series_per_rollup(): one rollup with every histogram
+    observed and every connect-failure reason exports exactly that many tcp series."""
+    from meshlens.exporter.prometheus.tcp import series_per_rollup, tcp_families
+
+    t = one_connection_table()
+    f = ConnFacts(sk=9, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
+                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80)
+    for i, reason in enumerate(("refused", "timeout", "unreachable", "aborted", "other")):
+        t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 10 + i}), reason)
+    snap = snapshot_with(t)
+    assert len(snap.areas["tcp"].rollups) == 1
+    samples = [s for fam in tcp_families(snap) for s in fam.samples if not s.name.endswith("_created")]
+    assert len(samples) == series_per_rollup()
