@@ -59,7 +59,8 @@ def default_sources(config: AgentConfig, features: KernelFeatures,
         return view.peer(address).owner_kind == "external"
 
     flows = FlowTable(config.tcp.max_rollups, config.tcp.rollup_ttl_s,
-                      max_peers_per_workload=config.tcp.max_peers_per_workload, is_external=is_external)
+                      max_peers_per_workload=config.tcp.max_peers_per_workload, is_external=is_external,
+                      rerank_s=config.tcp.peer_rerank_s)
     sources: List[Source] = [TcpSource(flows, config.tcp, features)]
     if "l7" in config.features:
         sources += l7_sources_for(config.l7_source, config.http, features)

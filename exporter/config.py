@@ -68,6 +68,8 @@ class Settings(BaseSettings):
                                                          "are capped at this divided by the series one rollup exports")
     external_peers_per_workload: int = Field(32, ge=0, description="external peer addresses kept per workload; "
                                                                     "the rest fold into one `external` peer (0 = no cap)")
+    peer_rerank_interval: PositiveFloat = Field(30.0, description="seconds between rankings of kept and folded "
+                                                                   "external peers by bytes (the busiest are kept)")
     # TTLs
     flow_ttl: PositiveFloat = Field(600.0, description="seconds before an idle rollup stops being exported")
     pod_ttl: float = Field(DEFAULT_TTL_S, ge=0, description="seconds a deleted pod's series stay")
@@ -137,7 +139,8 @@ class Settings(BaseSettings):
             l7_source=self.l7_source,
             features=tuple(sorted(self.features.split(","))),
             tcp=TcpConfig(conns_max_entries=self.conns_map_size, max_rollups=self.max_rollups(), rollup_ttl_s=self.flow_ttl,
-                          max_peers_per_workload=self.external_peers_per_workload),
+                          max_peers_per_workload=self.external_peers_per_workload,
+                          peer_rerank_s=self.peer_rerank_interval),
             sat=SatConfig(walk_interval_s=self.socket_walk_interval),
             http=HttpConfig(conns_max_entries=self.http_conns_map_size, stats_max_entries=self.http_stats_map_size,
                             sample_every=self.http_sample_every),
@@ -220,10 +223,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"YAML settings file (default ${CONFIG_ENV}); environment and flags override it")
     parser.add_argument("--auth-token-file", default=None, metavar="FILE",
                         help="file holding the API bearer token (or set $MESHLENS_AUTH_TOKEN)")
-    for name in ("max_series", "external_peers_per_workload", "http_sample_every", "http_conns_map_size",
+    for name in ("max_series", "external_peers_per_workload", "peer_rerank_interval", "http_sample_every", "http_conns_map_size",
                  "http_stats_map_size"):
         field = Settings.model_fields[name]
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)
+        kind = float if isinstance(field.default, float) else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default, help=field.description)
 
 
 def print_defaults() -> str:

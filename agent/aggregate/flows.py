@@ -16,9 +16,15 @@ the series one rollup exports); new keys beyond that go to one overflow key and 
 counted. External peers (addresses identity cannot name as a pod or service) are kept per
 address only up to `max_peers_per_workload` per local workload (cgroup, netns, direction):
 the connections of further addresses are credited to one peer named `external` for that
-workload, and counted, so totals stay exact. A kept peer that goes idle for `ttl` expires
-and frees its place. Keys without live connections and without updates for `ttl` seconds
-expire.
+workload, and counted, so totals stay exact. The kept peers are the busiest: every
+`rerank_s` the bytes each kept peer moved since the last ranking are compared with the
+busiest folded peers (a Space-Saving sketch of `max_peers_per_workload` entries per
+workload, so memory stays bounded whatever the number of addresses); a folded peer that
+moved more takes the place of the least busy kept one, whose rollups are merged into
+`external` (sums are preserved: the `external` counters jump by what the demoted series
+held, and that series ends). The promoted peer's new connections get their own series. A
+kept peer idle for `ttl` expires and frees its place. Keys without live connections and
+without updates for `ttl` seconds expire.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from meshlens.agent.sources.histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from meshlens.agent.sources.base import FOLDED_PEER
@@ -69,6 +75,19 @@ class Rollup:
     active: int = 0
     last_update: float = 0.0
 
+    def absorb(self, other: "Rollup") -> None:
+        """Add other's counts to this rollup (a demoted peer merged into `external`)."""
+        for name in ("opened", "closed") + _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.connect_failures.items():
+            self.connect_failures[reason] = self.connect_failures.get(reason, 0) + n
+        for name in ("connect_latency", "rtt", "duration"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
+            mine.total += theirs.total
+            mine.count += theirs.count
+        self.last_update = max(self.last_update, other.last_update)
+
     def copy(self) -> "Rollup":
         return Rollup(
             self.opened, self.closed, dict(self.connect_failures), self.bytes_sent, self.bytes_received,
@@ -104,6 +123,7 @@ class FlowSnapshot:
     max_rollups: int
     peers_folded: int = 0           # connections credited to a workload's `external` peer
     max_peers_per_workload: int = 0
+    peers_promoted: int = 0         # folded peers that took a less busy kept peer's place
 
 
 def server_port_of(direction: str, local_port: int, peer_port: int) -> int:
@@ -122,6 +142,7 @@ class FlowTable:
         clock: Callable[[], float] = time.monotonic,
         max_peers_per_workload: int = 0,
         is_external: Callable[[str], bool] = lambda address: True,
+        rerank_s: float = 30.0,
     ) -> None:
         self.max_rollups = max_rollups
         self.ttl = ttl
@@ -130,6 +151,13 @@ class FlowTable:
         self.peers_folded = 0
         # (direction, cgroup, netns) -> external peer address -> rollups keyed with it
         self._kept_peers: Dict[Tuple[str, int, int], Dict[str, int]] = {}
+        self.rerank_s = rerank_s
+        self.peers_promoted = 0
+        self._last_rerank = clock()
+        self._kept_bytes: Dict[Tuple[str, int, int], Dict[str, int]] = {}    # since the last ranking
+        # Space-Saving sketch per workload: address -> [count, overestimate carried over]
+        self._folded_bytes: Dict[Tuple[str, int, int], Dict[str, List[int]]] = {}
+        self._reserved: Dict[Tuple[str, int, int], set] = {}                 # promoted, not yet seen
         self._clock = clock
         self._conns: Dict[Tuple[int, int], _Conn] = {}
         self._rollups: Dict[RollupKey, Rollup] = {}
@@ -176,8 +204,15 @@ class FlowTable:
         cap = self.max_peers_per_workload
         if not cap or key.peer_address in ("", FOLDED_PEER, OVERFLOW):
             return key
-        kept = self._kept_peers.get(self._workload_of(key), {})
-        if key.peer_address in kept or len(kept) < cap or not self.is_external(key.peer_address):
+        wl = self._workload_of(key)
+        kept = self._kept_peers.get(wl, {})
+        reserved = self._reserved.get(wl, set())
+        if key.peer_address in kept:
+            return key
+        if key.peer_address in reserved:
+            reserved.discard(key.peer_address)
+            return key
+        if len(kept) + len(reserved) < cap or not self.is_external(key.peer_address):
             return key
         self.peers_folded += 1
         return RollupKey(key.direction, key.process, key.cgroup_id, key.netns, FOLDED_PEER, key.server_port)
@@ -235,12 +270,68 @@ class FlowTable:
             r.opened += 1
             if c.connect_latency_s is not None:
                 r.connect_latency.observe(c.connect_latency_s)
+        moved = 0
         for name in _COUNTERS:
             now_v = getattr(f, name)
             delta = now_v - c.credited[name]
             if delta > 0:
                 setattr(r, name, getattr(r, name) + delta)
                 c.credited[name] = now_v
+                if name in ("bytes_sent", "bytes_received"):
+                    moved += delta
+        if moved and self.max_peers_per_workload:
+            self._note_activity(c.key, c.facts.peer_address, moved)
+
+    def _note_activity(self, key: RollupKey, address: str, moved: int) -> None:
+        """Bytes a peer moved: kept peers exactly, folded ones in a bounded sketch."""
+        wl = self._workload_of(key)
+        if key.peer_address == FOLDED_PEER:
+            sketch = self._folded_bytes.setdefault(wl, {})
+            if address in sketch:
+                sketch[address][0] += moved
+            elif len(sketch) < self.max_peers_per_workload:
+                sketch[address] = [moved, 0]
+            else:  # Space-Saving: the least counted entry gives its place, its count carried over
+                low = min(sketch, key=lambda a: sketch[a][0])
+                carried = sketch.pop(low)[0]
+                sketch[address] = [carried + moved, carried]
+        elif key.peer_address in self._kept_peers.get(wl, {}):
+            kept = self._kept_bytes.setdefault(wl, {})
+            kept[key.peer_address] = kept.get(key.peer_address, 0) + moved
+
+    def rerank(self) -> int:
+        """Swap each workload's least busy kept peer for a busier folded one (see the module
+        docstring). Returns how many peers were promoted."""
+        promoted = 0
+        self._reserved.clear()  # a place promoted last time and not taken since is free again
+        for wl, sketch in list(self._folded_bytes.items()):
+            kept = self._kept_peers.get(wl, {})
+            busy = self._kept_bytes.get(wl, {})
+            # rank by what each folded peer is known to have moved (count minus carried error)
+            for address, moved in sorted(((a, c - e) for a, (c, e) in sketch.items()), key=lambda kv: -kv[1]):
+                if not kept:
+                    break
+                low = min(kept, key=lambda a: busy.get(a, 0))
+                if moved <= busy.get(low, 0):
+                    break
+                self._demote(wl, low)
+                busy.pop(low, None)
+                self._reserved.setdefault(wl, set()).add(address)
+                promoted += 1
+        self._folded_bytes.clear()
+        self._kept_bytes.clear()
+        self.peers_promoted += promoted
+        return promoted
+
+    def _demote(self, wl: Tuple[str, int, int], address: str) -> None:
+        """Merge every rollup of `address` in workload `wl` into that workload's `external`."""
+        for k in [k for k in self._rollups if k.peer_address == address and self._workload_of(k) == wl]:
+            fold = RollupKey(k.direction, k.process, k.cgroup_id, k.netns, FOLDED_PEER, k.server_port)
+            self._rollup(fold).absorb(self._rollups.pop(k))
+            self._track_peer(k, -1)
+            for c in self._conns.values():
+                if c.key == k:
+                    c.key = fold
 
     def opened(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
         """An open event (sent only when the kernel could not track the connection, or
@@ -315,6 +406,9 @@ class FlowTable:
     # ---- expiry and snapshots ----------------------------------------------------------
     def expire(self) -> int:
         with self._lock:
+            if self.max_peers_per_workload and self._clock() - self._last_rerank >= self.rerank_s:
+                self._last_rerank = self._clock()
+                self.rerank()
             live_keys = {c.key for c in self._conns.values() if c.key is not None}
             cutoff = self._clock() - self.ttl
             dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and k not in live_keys]
@@ -336,7 +430,7 @@ class FlowTable:
                 copy.active = active.get(k, 0)
                 rollups[k] = copy
             return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups,
-                                self.peers_folded, self.max_peers_per_workload)
+                                self.peers_folded, self.max_peers_per_workload, self.peers_promoted)
 
     def __len__(self) -> int:
         return len(self._conns)

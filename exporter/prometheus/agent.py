@@ -33,13 +33,14 @@ def agent_families(snap: AgentSnapshot) -> Iterable[object]:
     over, expired, live = family("meshlens_agent_flow_overflows"), family("meshlens_agent_flows_expired"), family("meshlens_agent_flows_live")
     folded, rollups, capacity = (family("meshlens_agent_flow_peers_folded"), family("meshlens_agent_flow_rollups"),
                                  family("meshlens_agent_flow_rollup_capacity"))
-    rtt_folded = family("meshlens_agent_rtt_peers_folded")
+    rtt_folded, promoted = family("meshlens_agent_rtt_peers_folded"), family("meshlens_agent_flow_peers_promoted")
     for src, area in sorted(snap.areas.items()):
         if isinstance(area, FlowSnapshot):
             over.add_metric([src], area.rollup_overflows)
             expired.add_metric([src], area.rollups_expired)
             live.add_metric([src], area.live_connections)
             folded.add_metric([src], area.peers_folded)
+            promoted.add_metric([src], area.peers_promoted)
             rollups.add_metric([src], len(area.rollups))
             capacity.add_metric([src], area.max_rollups)
         elif isinstance(area, TcSnapshot):
@@ -51,7 +52,7 @@ def agent_families(snap: AgentSnapshot) -> Iterable[object]:
     rss.add_metric([], snap.process.rss_bytes)
     sweeps = family("meshlens_agent_sweeps")
     sweeps.add_metric([], snap.sweeps)
-    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, folded, rollups, capacity, rtt_folded, cpu, rss, sweeps, *watch_families(snap)]
+    return [read, lost, kern, cb, entries, cap, attach, over, expired, live, folded, promoted, rollups, capacity, rtt_folded, cpu, rss, sweeps, *watch_families(snap)]
 
 
 def watch_families(snap: AgentSnapshot) -> Iterable[object]:

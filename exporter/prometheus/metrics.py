@@ -109,6 +109,9 @@ METRICS: Dict[str, MetricDef] = dict(
         _d("meshlens_agent_flow_peers_folded", "counter",
            "Connections credited to their workload's `external` peer because it already keeps "
            "--external-peers-per-workload external peer addresses.", ("source",)),
+        _d("meshlens_agent_flow_peers_promoted", "counter",
+           "Folded external peers that moved more bytes than a kept one and took its place (the kept one's "
+           "series merged into `external`).", ("source",)),
         _d("meshlens_agent_rtt_peers_folded", "gauge",
            "Peer addresses whose handshake RTT is summed into their interface's `external` peer (at the last sweep).",
            ("source",)),

@@ -215,3 +215,43 @@ def test_series_budget_sets_the_rollup_cap() -> None:
     assert Settings().max_rollups() * per <= 20_000
     assert Settings(max_series=10**9, max_flows=77).max_rollups() == 77
     assert Settings(max_series=1).max_rollups() == 1
+
+
+def test_a_busier_folded_peer_takes_the_place_of_the_least_busy_kept_one(clock: Clock) -> None:
+    t = FlowTable(max_peers_per_workload=2, clock=clock, rerank_s=30)
+
+    def conn(sk: int, peer: str, nbytes: int) -> None:
+        f = facts(sk=sk, direction="inbound", local_port=443, peer_address=peer)
+        t.seen(f)
+        t.closed(replace(f, bytes_received=nbytes), 0.01)
+
+    conn(1, "192.0.2.1", 10)       # kept, quiet
+    conn(2, "192.0.2.2", 5000)     # kept, busy
+    for i in range(20):            # folded, the busiest of all
+        conn(100 + i, "192.0.2.3", 1000)
+    conn(200, "192.0.2.4", 7)      # folded, quiet
+    before = t.snapshot()
+    assert {k.peer_address for k in before.rollups} == {"192.0.2.1", "192.0.2.2", "external"}
+    clock.t += 31
+    t.expire()                     # the ranking runs with the sweep's expiry
+    snap = t.snapshot()
+    assert snap.peers_promoted == 1
+    peers = {k.peer_address: r for k, r in snap.rollups.items()}
+    assert set(peers) == {"192.0.2.2", "external"}          # 192.0.2.1 merged into external
+    assert peers["external"].closed == 1 + 20 + 1
+    assert sum(r.bytes_received for r in snap.rollups.values()) == 10 + 5000 + 20 * 1000 + 7
+    conn(300, "192.0.2.3", 1000)   # the promoted peer's next connection: its own series
+    conn(301, "192.0.2.5", 3)      # anyone else still folds
+    peers = {k.peer_address: r for k, r in t.snapshot().rollups.items()}
+    assert set(peers) == {"192.0.2.2", "192.0.2.3", "external"}
+    assert peers["192.0.2.3"].closed == 1 and peers["external"].closed == 23
+    assert sum(r.closed for r in t.snapshot().rollups.values()) == 25
+
+
+def test_folded_peer_sketch_stays_bounded(clock: Clock) -> None:
+    t = FlowTable(max_peers_per_workload=3, clock=clock)
+    for i in range(5000):
+        f = facts(sk=i, direction="inbound", local_port=443, peer_address=f"203.0.{i // 250}.{i % 250}")
+        t.closed(replace(f, bytes_received=1 + i % 7), 0.01)
+    assert all(len(s) <= 3 for s in t._folded_bytes.values())
+    assert len(t.snapshot().rollups) == 4

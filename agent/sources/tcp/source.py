@@ -112,6 +112,7 @@ class TcpConfig:
     max_rollups: int = 10_000
     rollup_ttl_s: float = 600.0
     max_peers_per_workload: int = 0     # external peer addresses kept per workload; 0 = no cap
+    peer_rerank_s: float = 30.0         # how often kept and folded peers are ranked by bytes
 
 
 EVENT = RecordDecoder(MlEvent)
