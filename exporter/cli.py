@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = args.settings.agent_config()
     stop = threading.Event()
     install_stop_handlers(stop)
-    agent = Agent(config, identity=identity.view, watch_status=identity.status)
+    agent = Agent(config, identity=args.settings.namespace_filter(identity.view), watch_status=identity.status)
     try:
         agent.start()
     except Exception as exc:  # noqa: BLE001 - one clear line, details in the log

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Type
@@ -32,6 +33,7 @@ from meshlens.agent.sources.tcp.source import TcpConfig
 from .http_server import parse_addr
 
 ENV_PREFIX = "MESHLENS_"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace name
 CONFIG_ENV = "MESHLENS_CONFIG"
 NOT_FLAGS = {"auth_token"}  # settable from the file or the environment only
 
@@ -79,6 +81,9 @@ class Settings(BaseSettings):
                            description="this node's name (default $NODE_NAME, else the host name)")
     kubeconfig: Optional[str] = Field(None, description="kubeconfig file (default: in-cluster service account)")
     cidr_names: str = Field("", description='names for external peers, e.g. "10.0.0.0/8=corp"')
+    namespaces_include: str = Field("", description="export only series of these namespaces (comma-separated; "
+                                                    "empty: all)")
+    namespaces_exclude: str = Field("", description="never export series naming these namespaces (comma-separated)")
 
     @field_validator("metrics_addr")
     @classmethod
@@ -100,6 +105,15 @@ class Settings(BaseSettings):
     def _cidrs(cls, v: str) -> str:
         parse_cidr_names(v)
         return v
+
+    @field_validator("namespaces_include", "namespaces_exclude")
+    @classmethod
+    def _namespaces(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        bad = [n for n in names if not _DNS_LABEL.fullmatch(n)]
+        if bad:
+            raise ValueError(f"not a namespace name: {', '.join(bad)}")
+        return ",".join(names)
 
     @field_validator("auth_token_file")
     @classmethod
@@ -145,6 +159,15 @@ class Settings(BaseSettings):
             http=HttpConfig(conns_max_entries=self.http_conns_map_size, stats_max_entries=self.http_stats_map_size,
                             sample_every=self.http_sample_every),
         )
+
+    def namespace_filter(self, view: Any) -> Any:
+        """`view` wrapped so that left-out namespaces are not exported (unchanged if none)."""
+        if not (self.namespaces_include or self.namespaces_exclude):
+            return view
+        from meshlens.agent.identity.namespaces import NamespaceFilter
+
+        split = lambda v: [n for n in v.split(",") if n]  # noqa: E731
+        return NamespaceFilter(view, split(self.namespaces_include), split(self.namespaces_exclude))
 
     def defaults_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude={"auth_token"})
@@ -223,6 +246,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"YAML settings file (default ${CONFIG_ENV}); environment and flags override it")
     parser.add_argument("--auth-token-file", default=None, metavar="FILE",
                         help="file holding the API bearer token (or set $MESHLENS_AUTH_TOKEN)")
+    for name in ("namespaces_include", "namespaces_exclude"):
+        field = Settings.model_fields[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", default=field.default, metavar="NS,...", help=field.description)
     for name in ("max_series", "external_peers_per_workload", "peer_rerank_interval", "http_sample_every", "http_conns_map_size",
                  "http_stats_map_size"):
         field = Settings.model_fields[name]

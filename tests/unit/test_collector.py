@@ -142,3 +142,18 @@ def test_series_per_rollup_is_what_a_full_rollup_exports() -> None:
     assert len(snap.areas["tcp"].rollups) == 1
     samples = [s for fam in tcp_families(snap) for s in fam.samples if not s.name.endswith("_created")]
     assert len(samples) == series_per_rollup()
+
+
+def test_left_out_namespaces_are_not_exported() -> None:
+    from meshlens.agent.identity.namespaces import NamespaceFilter
+
+    def sent(view) -> float:
+        reg = make_registry(lambda: snapshot_with(one_connection_table(), view))
+        return sum(s.value for fam in reg.collect() for s in fam.samples if s.name == "meshlens_tcp_sent_bytes_total")
+
+    assert sent(K8sIdentity()) == 4099
+    assert sent(NamespaceFilter(K8sIdentity(), exclude=["shop"])) == 0
+    assert sent(NamespaceFilter(K8sIdentity(), include=["payments"])) == 0
+    assert sent(NamespaceFilter(K8sIdentity(), include=["shop"], exclude=["kube-system"])) == 4099
+    f = NamespaceFilter(K8sIdentity(), include=["shop"])
+    assert f.wanted("") and not f.wanted("other")  # workloads without a namespace always stay

@@ -72,6 +72,9 @@ BAD = [
     ("kubernetes", "maybe", "--kubernetes", None),
     ("cidr_names", "10.0.0.0/33=x", "--cidr-names", None),
     ("http_sample_every", "-2", "--http-sample-every", "greater than or equal to 0"),
+    ("namespaces_exclude", "kube-system,Bad_Name", "--namespaces-exclude", "not a namespace name: Bad_Name"),
+    ("external_peers_per_workload", "-1", "--external-peers-per-workload", "greater than or equal to 0"),
+    ("max_series", "0", "--max-series", "greater than 0"),
 ]
 
 
