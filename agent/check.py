@@ -37,7 +37,7 @@ def capability_checks(features: Tuple[str, ...], cap_eff: Optional[int] = None,
     return out
 
 
-def requirement_checks(kf: KernelFeatures, features: Tuple[str, ...] = ("l4", "l7", "tc"),
+def requirement_checks(kf: KernelFeatures, features: Tuple[str, ...] = ("l4", "l7", "tc", "sat"),
                        cap_eff: Optional[int] = None) -> List[Result]:
     results = [
         *capability_checks(features, cap_eff),
@@ -102,9 +102,9 @@ def print_section(title: str, results: List[Result], out: TextIO) -> None:
 
 
 def run_check(out: TextIO, make_sources: Callable[[KernelFeatures], List[Source]],
-              kf: Optional[KernelFeatures] = None) -> int:
+              kf: Optional[KernelFeatures] = None, features: Tuple[str, ...] = ("l4", "l7", "tc", "sat")) -> int:
     kf = kf or KernelFeatures.probe()
-    req = requirement_checks(kf)
+    req = requirement_checks(kf, features)
     print(f"kernel {kf.release}\n", file=out)
     print_section("requirements", req, out)
     fatal = [r for r in req if not r.ok and r.fatal]

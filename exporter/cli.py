@@ -13,7 +13,9 @@ from meshlens.agent.identity.setup import add_identity_arguments, identity_from_
 from meshlens.agent.lifecycle import DEFAULT_STATE_DIR, AlreadyRunning, InstanceLock, cleanup_stale_pins, install_stop_handlers
 from meshlens.agent.runner import Agent, AgentConfig, default_sources
 
-from .config import ConfigError, add_config_arguments, print_defaults, resolve_run_args
+from pydantic import ValidationError
+
+from .config import ConfigError, Settings, add_config_arguments, print_defaults, resolve_run_args
 
 log = logging.getLogger("meshlens")
 
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     add_identity_arguments(run)
     add_config_arguments(run)
-    sub.add_parser("check", help="check that this kernel can run the agent")
+    check = sub.add_parser("check", help="check that this kernel can run the agent")
+    check.add_argument("--features", default="l4,l7,tc,sat", help="the capture layers to check for (as `run`)")
     cfg = sub.add_parser("config", help="print the settings file format")
     cfg.add_argument("--print-defaults", action="store_true", required=True,
                      help="print every setting with its default, as a file `run --config` reads")
@@ -102,10 +105,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(_args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from meshlens.agent.check import run_check
 
-    return run_check(sys.stdout, lambda kf: default_sources(AgentConfig(), kf))
+    try:
+        features = tuple(Settings(features=args.features).features.split(","))
+    except ValidationError as exc:
+        print(f"meshlens: features: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    return run_check(sys.stdout, lambda kf: default_sources(AgentConfig(features=features), kf), features=features)
 
 
 def cmd_config(_args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ NEEDS: Tuple[Need, ...] = (
     Need("NET_ADMIN", "sched_cls programs and clsact qdiscs/tc filters on pod veths", ("tc",)),
     Need("SYS_PTRACE", "/proc/<pid>/ns/net and /proc/<pid>/fd of the node's processes "
                        "(netns -> pod identity; a crashed agent's tc filters told from a live one's)"),
+    Need("SYS_ADMIN", "setns() into each pod's network namespace for the saturation socket walk", ("sat",)),
 )
 
 

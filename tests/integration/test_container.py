@@ -46,9 +46,9 @@ def image() -> str:
     assert not left, f"containers left behind (now removed): {left}"
 
 
-def run_check(spec: Dict, timeout: float = 120) -> tuple[int, str]:
+def run_check(spec: Dict, timeout: float = 120, args: List[str] = None) -> tuple[int, str]:
     """Run the init container (`meshlens check`) of `spec`; its exit code and output."""
-    ctr = make_container(spec, CHECK)
+    ctr = make_container(spec, CHECK, args=args)
     try:
         ctr.start()
         code = ctr.wait(timeout)
@@ -84,6 +84,15 @@ def test_each_listed_capability_is_needed(image: str, cap: str) -> None:
     assert f"× CAP_{cap} held" in out, out
     assert f"hint: CAP_{cap} is missing" in out
     assert "Status check results are ×" in out
+
+
+def test_saturation_feature_needs_sys_admin(image: str) -> None:
+    """Why `sat` is off in the manifest: its socket walk enters every pod's netns (setns),
+    which needs CAP_SYS_ADMIN; check names it, and passes once it is added."""
+    code, out = run_check(pod_spec(), args=["--features", "l4,l7,tc,sat"])
+    assert code != 0 and "× CAP_SYS_ADMIN held" in out, out
+    code, out = run_check(with_caps(listed_caps() + ["SYS_ADMIN"]), args=["--features", "l4,l7,tc,sat"])
+    assert code == 0, out
 
 
 def test_default_seccomp_profile_blocks_bpf(image: str) -> None:

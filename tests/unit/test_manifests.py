@@ -84,7 +84,8 @@ def test_least_privilege() -> None:
     pod = _pod()
     assert pod["hostNetwork"] is True and pod["hostPID"] is True
     assert "hostIPC" not in pod
-    wanted = [n.cap for n in capabilities.NEEDS]  # what `meshlens check` requires, nothing more
+    features = _parser().parse_args(_agent()["command"][1:] + _agent()["args"]).features.split(",")
+    wanted = [n.cap for n in capabilities.needed(features)]  # what `meshlens check` requires, nothing more
     for c in _containers():
         sc = c["securityContext"]
         assert sc["privileged"] is False
@@ -93,6 +94,7 @@ def test_least_privilege() -> None:
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert sorted(sc["capabilities"]["add"]) == sorted(wanted)
         assert "SYS_ADMIN" not in sc["capabilities"]["add"] and "SYS_RESOURCE" not in sc["capabilities"]["add"]
+        assert "sat" not in features  # its socket walk would need SYS_ADMIN
         assert sc["seccompProfile"] == {"type": "Unconfined"}  # why: test_container.py's default-profile test
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         for ro in ("/sys/kernel/tracing", "/sys/fs/cgroup", "/var/run/netns"):
@@ -114,6 +116,8 @@ def test_commands_parse_with_the_cli() -> None:
     assert init["command"] == ["meshlens", "check"]
     assert agent["command"] == ["meshlens", "run"]
     args = _parser().parse_args(agent["command"][1:] + agent["args"])
+    checked = _parser().parse_args(init["command"][1:] + init["args"])
+    assert checked.cmd == "check" and checked.features == args.features  # check what runs
     assert args.cmd == "run" and args.metrics_addr == "0.0.0.0:9433" and args.kubernetes == "on"
     port = int(args.metrics_addr.rsplit(":", 1)[1])
     assert agent["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
