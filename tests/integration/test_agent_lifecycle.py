@@ -64,11 +64,14 @@ def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:
         assert set(programs) & set(loaded_programs()) == set(), "the restart left the crashed agent's tc filters"
         names = sorted(held(agent).values())
         assert sorted(set(names)) == names, f"a program is attached twice: {names}"
-        deadline = time.monotonic() + 5  # the new agent's own filters: one per hook and veth, none stacked
-        while time.monotonic() < deadline and _filter_count(srv.host_veth) != (1, 1):
+        # the new agent's own filters (handle = its pid; other agents on this machine may add
+        # theirs): one per hook and veth, none stacked
+        pid = agent.proc.pid
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _filter_count(srv.host_veth, pid) != (1, 1):
             time.sleep(0.1)
         for pod in (srv, cli):
-            assert _filter_count(pod.host_veth) == (1, 1), f"{pod.host_veth}: {_filter_count(pod.host_veth)}"
+            assert _filter_count(pod.host_veth, pid) == (1, 1), f"{pod.host_veth}: {_filter_count(pod.host_veth, pid)}"
         server = start_listener(srv, "server", "--host", "0.0.0.0", "--port", "8082", "--count", "17",
                                 "--recv", "211", "--send", "0")
         run_json(cli, "client", "--host", srv.ipv4, "--port", "8082", "--count", "17", "--send", "211")
@@ -78,12 +81,12 @@ def test_crash_then_restart_cleans_up_and_counts_once(node) -> None:
         assert agent.total("meshlens_tcp_sent_bytes_total", **out) == 17 * 211
 
 
-def _filter_count(dev: str) -> tuple:
-    """(ingress, egress) meshlens tc filters on dev."""
+def _filter_count(dev: str, pid: int) -> tuple:
+    """(ingress, egress) meshlens tc filters of the agent `pid` (their handle) on dev."""
     out = []
     for hook in ("ingress", "egress"):
         text = subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True, text=True).stdout
-        out.append(text.count("meshlens-tc-"))
+        out.append(sum(1 for line in text.splitlines() if f"handle {pid:#x} " in line and "meshlens-tc-" in line))
     return tuple(out)
 
 
