@@ -316,14 +316,41 @@ class RingBuffer:
             self._ptr = None
 
 
+class _OpenOpts(ctypes.Structure):
+    """The head of libbpf's struct bpf_object_open_opts, up to btf_custom_path (libbpf reads
+    only `sz` bytes of it, so a shorter struct from an older header is valid)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("object_name", ctypes.c_char_p), ("relaxed_maps", ctypes.c_bool),
+                ("pin_root_path", ctypes.c_char_p), ("_removed_attach_prog_fd", ctypes.c_uint32),
+                ("kconfig", ctypes.c_char_p), ("btf_custom_path", ctypes.c_char_p)]
+
+
+def _open_opts() -> Optional[_OpenOpts]:
+    """Without CAP_SYS_ADMIN (the DaemonSet's case) libbpf 1.1 cannot list kernel-module BTFs
+    (BPF_BTF_GET_NEXT_ID), and fails a CO-RE relocation whose type is not in vmlinux (an
+    optional older layout, checked with bpf_core_type_exists) instead of resolving it to
+    "absent". Naming vmlinux BTF as the target makes libbpf search vmlinux only."""
+    from meshlens.agent.kernel.capabilities import CAP_NUMBERS, effective
+
+    try:
+        if effective() >> CAP_NUMBERS["SYS_ADMIN"] & 1:
+            return None
+    except (OSError, RuntimeError):
+        return None
+    opts = _OpenOpts(btf_custom_path=b"/sys/kernel/btf/vmlinux")
+    opts.sz = ctypes.sizeof(_OpenOpts)
+    return opts
+
+
 class BpfObject:
     """One compiled .bpf.o: open, configure (knobs, sizes, autoload), load, attach, close."""
 
     def __init__(self, path: os.PathLike | str) -> None:
         self.path = Path(path)
         self.links: List[Link] = []
+        opts = _open_opts()
         with libbpf.capture_log() as lines:
-            ptr = lib.bpf_object__open_file(str(self.path).encode(), None)
+            ptr = lib.bpf_object__open_file(str(self.path).encode(), ctypes.byref(opts) if opts is not None else None)
         if not ptr:
             raise BpfError(f"open {self.path}", libbpf.get_errno(), lines)
         self._ptr: Optional[int] = ptr
