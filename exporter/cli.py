@@ -1,9 +1,12 @@
 """`meshlens` command line: `run` starts the agent (standalone on this node), `check`
-reports whether this kernel can run it. The console-script entry point of the package."""
+reports whether this kernel can run it, and the client commands (`observe`, `stat`, `routes`,
+`edges`, `top`, `tap`, `servicemap`, in exporter/client/) query a running agent's REST API.
+The console-script entry point of the package."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +24,12 @@ EPILOG = """examples:
   meshlens check                                 # can this node run the agent?
   meshlens run --metrics-addr 127.0.0.1:9433     # standalone agent, Prometheus on :9433
   curl -s 127.0.0.1:9433/metrics | grep meshlens_tcp_
+  meshlens observe --pod web --since 5m         # per-pod flows from the running agent
+  meshlens stat deploy                           # golden signals per workload (Linkerd viz style)
+  meshlens tap --namespace shop --max-rps 10     # live sampled requests
 """
+
+TOKEN_ENV = "MESHLENS_API_TOKEN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,13 +57,24 @@ def _parser() -> argparse.ArgumentParser:
                           "(default %(default)s)")
     run.add_argument("--map-window", type=float, default=60.0, help="service map window in seconds")
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
+    run.add_argument("--history-interval", type=float, default=5.0,
+                     help="seconds between snapshots kept for API windows (since=, t=30s)")
+    run.add_argument("--history-length", type=int, default=25,
+                     help="snapshots kept for API windows (default %(default)s: two minutes at 5 s)")
+    run.add_argument("--api-token-file", type=Path, default=None,
+                     help=f"require this bearer token (the file's first line) on every path but /healthz and "
+                          f"/readyz; or set ${TOKEN_ENV}")
     add_identity_arguments(run)
     sub.add_parser("check", help="check that this kernel can run the agent")
+    from meshlens.exporter.client.commands import add_client_commands
+
+    add_client_commands(sub)
     return p
 
 
 def _positive(args: argparse.Namespace) -> Optional[str]:
-    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
+    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window",
+                 "map_interval", "history_interval", "history_length"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive"
     return None
@@ -68,13 +87,34 @@ def _features_error(value: str) -> Optional[str]:
     return f"--features: unknown {', '.join(sorted(unknown))} (choose from {', '.join(FEATURES)})" if unknown else None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from meshlens.exporter.prometheus.collector import MeshlensCollector
-    from meshlens.exporter.http_server import serve_metrics
+def api_token(path: Optional[Path]) -> Optional[str]:
+    """The bearer token: the first line of --api-token-file, else $MESHLENS_API_TOKEN, else
+    none (no auth). Never taken from a command-line value, so it is not in `ps`."""
+    if path is not None:
+        try:
+            lines = path.read_text().strip().splitlines()
+            token = lines[0].strip() if lines else ""
+        except OSError as exc:
+            raise ValueError(f"--api-token-file: cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"--api-token-file: {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
 
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshlens.exporter.api.app import create_app
+    from meshlens.exporter.api.server import ApiServer
+    from meshlens.exporter.prometheus.collector import MeshlensCollector
     from meshlens.exporter.http_server import parse_addr
 
     err = _positive(args)
+    token: Optional[str] = None
+    if err is None:
+        try:
+            token = api_token(args.api_token_file)
+        except ValueError as exc:
+            err = str(exc)
     if err is None:
         err = _features_error(args.features)
     if err is None:
@@ -103,6 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
         map_interval_s=args.map_interval,
         l7_source=args.l7_source,
+        history_interval_s=args.history_interval,
+        history_len=args.history_length,
         tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
         sat=SatConfig(walk_interval_s=args.socket_walk_interval),
     )
@@ -118,8 +160,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         identity.start()
-        server, _ = serve_metrics(MeshlensCollector(agent.snapshot), args.metrics_addr)
-        log.info("meshlens running: metrics on http://%s/metrics", args.metrics_addr)
+        host, port = parse_addr(args.metrics_addr)
+        app = create_app(agent, MeshlensCollector(agent.snapshot), token)
+        try:
+            server = ApiServer(app, host, port).start()
+        except OSError as exc:
+            print(f"meshlens: cannot serve on {args.metrics_addr}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        log.info("meshlens running: metrics on http://%s/metrics, API on http://%s/api/v1 (auth %s)",
+                 args.metrics_addr, args.metrics_addr, "on" if token else "off")
         agent.run(stop)
         server.shutdown()
     finally:
@@ -141,7 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         logging.getLogger("meshlens.libbpf").setLevel(logging.WARNING)
-    return {"run": cmd_run, "check": cmd_check}[args.cmd](args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # it logs every request line at INFO
+    if args.cmd in ("run", "check"):
+        return {"run": cmd_run, "check": cmd_check}[args.cmd](args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class TapRecord:
     duration_s: float
     request_body: Optional[int]
     response_body: Optional[int]
+    peer_address: str = ""    # the other end: the client for server-role records, else the server
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class HttpSnapshot:
     route_overflows: int
     overflow_records: int
     tap: Tuple[TapRecord, ...] = ()
+    tap_dropped: int = 0          # sampled records pushed out of the bounded tap deque unread
 
 
 class HttpSource(ObjectSource):
@@ -167,6 +169,7 @@ class HttpSource(ObjectSource):
         self.retired_expired = 0
         self._overflow_records = 0
         self._tap: Deque[TapRecord] = collections.deque(maxlen=config.tap_len)
+        self._tap_dropped = 0
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
@@ -255,7 +258,19 @@ class HttpSource(ObjectSource):
             if resp is not None:
                 st.response_body.observe(float(resp))
         if ev.flags & F_SAMPLE:
-            self._tap.append(TapRecord(ev.ts_ns, self._series_key(ev.key), ev.duration_ns / 1e9, req, resp))
+            key = self._series_key(ev.key)
+            peer = format_addr(ev.key.family, ev.key.client_addr) if key.role == "server" else key.server_address
+            if len(self._tap) == self._tap.maxlen:
+                self._tap_dropped += 1
+            self._tap.append(TapRecord(ev.ts_ns, key, ev.duration_ns / 1e9, req, resp, peer))
+
+    # ---- tap switch ----------------------------------------------------------------------
+    def set_tap_sampling(self, every: int) -> None:
+        """Runtime tap switch (the kernel's `tap_ctl` map): one request in `every` becomes a
+        tap record; 0 turns sampling off (back to the load-time `sample_every`)."""
+        if self.obj is None:
+            return
+        self.obj.map("tap_ctl").update_raw((0).to_bytes(4, "little"), int(every).to_bytes(4, "little"))
 
     # ---- sweeps --------------------------------------------------------------------------
     def _series_key(self, k: MlHttpKey) -> HttpSeriesKey:
@@ -323,6 +338,7 @@ class HttpSource(ObjectSource):
             route_overflows=self.routes.overflowed,
             overflow_records=self._overflow_records,
             tap=tuple(self._tap),
+            tap_dropped=self._tap_dropped,
         )
 
     # ---- views -------------------------------------------------------------------------

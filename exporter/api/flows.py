@@ -1,0 +1,224 @@
+"""Per-pod flows over a window: one record per (local pod/workload, peer, direction, protocol,
+server port), from the flow table's rollups, with the HTTP summary of that edge where L7 saw it.
+
+Place in the data flow: exporter/api/window.Window (live snapshot minus a history record) ->
+this module (identity names, subtraction, join with HTTP series, filters, cursor pages) ->
+plain dicts that match exporter/api/models.Flow, serialised by exporter/api/app.py.
+
+HTTP join: client-side series carry the server's address and port, so an outbound flow gets
+exactly its own requests. Server-side series carry no client address: an inbound flow gets
+the server's requests on that port only when it is the one inbound flow there in the
+answer; with several clients on one port the summary is left out (null), never guessed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from meshlens.agent.aggregate.flows import OVERFLOW, FlowSnapshot, Rollup, RollupKey
+from meshlens.agent.identity.model import Workload
+from meshlens.agent.sources.histogram import LATENCY_BUCKETS
+from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S
+from meshlens.exporter.api.filters import FlowFilter, ParamError
+from meshlens.exporter.api.window import Window, add_into, quantiles_ms, sub, sub_counts
+
+_COUNTERS = ("opened", "closed", "bytes_sent", "bytes_received", "segs_retrans", "rsts_sent", "rsts_received")
+
+
+@dataclass
+class _Acc:
+    local: Workload
+    peer: Workload
+    peer_ip: str
+    direction: str
+    port: int
+    counts: Dict[str, int] = field(default_factory=lambda: {c: 0 for c in _COUNTERS})
+    failures: Dict[str, int] = field(default_factory=dict)
+    active: int = 0
+    rtt: List[int] = field(default_factory=list)
+    connect: List[int] = field(default_factory=list)
+    http: Optional["_Http"] = None
+
+
+@dataclass
+class _Http:
+    requests: int = 0
+    errors: int = 0
+    by_status: Dict[str, int] = field(default_factory=dict)
+    duration: List[int] = field(default_factory=list)
+
+    def add(self, status: int, n: int, counts: Sequence[int]) -> None:
+        if n <= 0:
+            return
+        self.requests += n
+        if status >= 500:
+            self.errors += n
+        self.by_status[str(status)] = self.by_status.get(str(status), 0) + n
+        self.duration = add_into(self.duration, counts)
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"requests": self.requests, "errors": self.errors,
+                "by_status": dict(sorted(self.by_status.items())),
+                "latency_ms": quantiles_ms(DURATION_BOUNDS_S, self.duration)}
+
+
+def workload_dict(w: Workload, ip: Optional[str] = None) -> Dict[str, object]:
+    d: Dict[str, object] = {"namespace": w.namespace, "pod": w.pod, "workload_kind": w.owner_kind,
+                            "workload": w.owner_name}
+    if ip is not None:
+        d["ip"] = ip
+    return d
+
+
+def _delta_rollup(acc: _Acc, cur: Rollup, old: Optional[Rollup]) -> bool:
+    """Add cur - old to acc; True if anything happened in the window (or a connection is open)."""
+    changed = False
+    for c in _COUNTERS:
+        d = sub(getattr(cur, c), getattr(old, c) if old else None)
+        if d:
+            acc.counts[c] += d
+            changed = True
+    for reason, n in cur.connect_failures.items():
+        d = sub(n, old.connect_failures.get(reason) if old else None)
+        if d:
+            acc.failures[reason] = acc.failures.get(reason, 0) + d
+            changed = True
+    acc.active += cur.active
+    acc.rtt = add_into(acc.rtt, sub_counts(cur.rtt.counts, old.rtt.counts if old else None))
+    acc.connect = add_into(acc.connect, sub_counts(cur.connect_latency.counts, old.connect_latency.counts if old else None))
+    return changed or cur.active > 0
+
+
+def _http_series(window: Window) -> Tuple[Dict[tuple, _Http], Dict[tuple, _Http]]:
+    """(client view keyed by (local, server ip, port), server view keyed by (local, port))."""
+    client: Dict[tuple, _Http] = {}
+    server: Dict[tuple, _Http] = {}
+    cur = getattr(window.area("http"), "series", None) or {}
+    old = getattr(window.base_area("http"), "series", None) or {}
+    ident = window.identity
+    for key, st in cur.items():
+        prev = old.get(key)
+        n = sub(st.count, prev.count if prev else None)
+        if n <= 0:
+            continue
+        counts = sub_counts(st.duration.counts, prev.duration.counts if prev else None)
+        local = ident.local(key.cgroup_id, key.netns, key.process)
+        if key.role == "client":
+            client.setdefault((local, key.server_address, key.server_port), _Http()).add(key.status, n, counts)
+        elif key.role == "server":
+            server.setdefault((local, key.server_port), _Http()).add(key.status, n, counts)
+    return client, server
+
+
+def flow_records(window: Window, flt: FlowFilter) -> List[Dict[str, object]]:
+    flows = window.area("tcp")
+    if not isinstance(flows, FlowSnapshot):
+        return []
+    base = window.base_area("tcp")
+    old_rollups: Dict[RollupKey, Rollup] = base.rollups if isinstance(base, FlowSnapshot) else {}
+    ident = window.identity
+    accs: Dict[tuple, _Acc] = {}
+    for key, r in flows.rollups.items():
+        if key.direction == OVERFLOW:
+            continue
+        local = ident.local(key.cgroup_id, key.netns, key.process)
+        k = (local, key.peer_address, key.direction, key.server_port)
+        acc = accs.get(k)
+        fresh = acc is None
+        if acc is None:
+            acc = _Acc(local, ident.peer(key.peer_address), key.peer_address, key.direction, key.server_port)
+        if _delta_rollup(acc, r, old_rollups.get(key)) and fresh:
+            accs[k] = acc
+    client_http, server_http = _http_series(window)
+    inbound_per_port: Dict[tuple, int] = {}
+    for acc in accs.values():
+        if acc.direction == "inbound":
+            inbound_per_port[(acc.local, acc.port)] = inbound_per_port.get((acc.local, acc.port), 0) + 1
+    out = []
+    for acc in accs.values():
+        if acc.direction == "outbound":
+            acc.http = client_http.get((acc.local, acc.peer_ip, acc.port))
+        elif acc.direction == "inbound" and inbound_per_port[(acc.local, acc.port)] == 1:
+            acc.http = server_http.get((acc.local, acc.port))
+        if _keep(acc, flt):
+            out.append(_record(acc))
+    out.sort(key=sort_key)
+    return out
+
+
+def _keep(acc: _Acc, flt: FlowFilter) -> bool:
+    if flt.direction is not None and acc.direction != flt.direction:
+        return False
+    if flt.port is not None and acc.port != flt.port:
+        return False
+    if flt.protocol == "http" and acc.http is None:
+        return False
+    if flt.http_status is not None:
+        if acc.http is None or not any(flt.http_status.matches(int(s)) for s in acc.http.by_status):
+            return False
+    if acc.direction == "inbound":
+        return flt.matches_ends(acc.peer, acc.peer_ip, acc.local, None)
+    return flt.matches_ends(acc.local, None, acc.peer, acc.peer_ip)
+
+
+def _record(acc: _Acc) -> Dict[str, object]:
+    c = acc.counts
+    return {
+        "local": workload_dict(acc.local),
+        "peer": workload_dict(acc.peer, acc.peer_ip),
+        "direction": acc.direction,
+        "protocol": "tcp",
+        "l7": "http" if acc.http else None,
+        "port": acc.port,
+        "bytes_sent": c["bytes_sent"],
+        "bytes_received": c["bytes_received"],
+        "connections_opened": c["opened"],
+        "connections_closed": c["closed"],
+        "connections_active": acc.active,
+        "connect_failures": dict(sorted(acc.failures.items())),
+        "retransmits": c["segs_retrans"],
+        "resets_sent": c["rsts_sent"],
+        "resets_received": c["rsts_received"],
+        "rtt_ms": quantiles_ms(LATENCY_BUCKETS, acc.rtt),
+        "connect_latency_ms": quantiles_ms(LATENCY_BUCKETS, acc.connect),
+        "http": acc.http.as_dict() if acc.http else None,
+    }
+
+
+def sort_key(rec: Dict[str, object]) -> List[object]:
+    loc, peer = rec["local"], rec["peer"]
+    return [loc["namespace"], loc["pod"], loc["workload_kind"], loc["workload"], rec["direction"],  # type: ignore[index]
+            peer["ip"], rec["port"]]  # type: ignore[index]
+
+
+def encode_cursor(key: List[object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> List[object]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        key = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ParamError("cursor", "not a cursor this API handed out") from None
+    if (not isinstance(key, list) or len(key) != 7 or not all(isinstance(x, str) for x in key[:6])
+            or not isinstance(key[6], int) or isinstance(key[6], bool)):
+        raise ParamError("cursor", "not a cursor this API handed out")
+    return key
+
+
+def page(records: List[Dict[str, object]], limit: int, cursor: Optional[str]) -> Tuple[List[Dict[str, object]], Optional[str]]:
+    """Records after the cursor, at most `limit`, and the cursor of the next page (None at the end)."""
+    start = 0
+    if cursor:
+        after = decode_cursor(cursor)
+        start = len(records)
+        for i, rec in enumerate(records):
+            if sort_key(rec) > after:
+                start = i
+                break
+    chunk = records[start:start + limit]
+    more = start + limit < len(records)
+    return chunk, (encode_cursor(sort_key(chunk[-1])) if more and chunk else None)
