@@ -78,7 +78,8 @@ def _json(body: Any) -> Response:
 
 
 ERRORS: Dict[int | str, Dict[str, Any]] = {400: {"model": M.Problem, "description": "a bad parameter"},
-                                           401: {"model": M.Problem, "description": "missing or wrong bearer token"}}
+                                           401: {"model": M.Problem, "description": "missing or wrong bearer token"},
+                                           422: {"model": M.Problem, "description": "a parameter of the wrong type"}}
 
 
 def create_app(agent: AgentPort, collector: Collects, token: Optional[str] = None,

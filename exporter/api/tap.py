@@ -48,7 +48,7 @@ class RateLimit:
             # a new pod takes its share: the others' buckets shrink to the new share
             for p, (tok, last) in list(self._buckets.items()):
                 self._buckets[p] = (min(tok, share), last)
-            self._buckets[pod] = (min(1.0, share), now)
+            self._buckets[pod] = (max(1.0, share), now)   # a full bucket: one second's share
         share = self.max_rps / len(self._buckets)
         tokens, last = self._buckets[pod]
         tokens = min(max(share, 1.0), tokens + (now - last) * share)

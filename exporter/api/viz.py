@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from meshlens.agent.aggregate.flows import OVERFLOW, FlowSnapshot
+from meshlens.agent.aggregate.flows import FlowSnapshot
 from meshlens.agent.aggregate.service_map import EdgeTotals, edge_totals
 from meshlens.agent.identity.model import Workload
 from meshlens.agent.sources.l7.structs import DURATION_BOUNDS_S
@@ -93,9 +93,12 @@ def stat_rows(window: Window, namespace: Optional[str] = None, kind: Optional[st
     old = base.rollups if isinstance(base, FlowSnapshot) else {}
     if isinstance(flows, FlowSnapshot) and from_ is None and to is None:
         for k, r in flows.rollups.items():
-            if k.direction != "inbound" or k.direction == OVERFLOW:
+            if k.direction not in ("inbound", "outbound"):
                 continue
             local = ident.local(k.cgroup_id, k.netns, k.process)
+            if k.direction == "outbound":       # a caller only: a row, without server columns
+                tcp.setdefault(local, [0, 0, 0])
+                continue
             o = old.get(k)
             t = tcp.setdefault(local, [0, 0, 0])
             t[0] += r.active
