@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--map-interval", type=float, default=5.0, help="seconds between service map records")
     run.add_argument("--history-interval", type=float, default=5.0,
                      help="seconds between snapshots kept for API windows (since=, t=30s)")
-    run.add_argument("--history-length", type=int, default=25,
-                     help="snapshots kept for API windows (default %(default)s: two minutes at 5 s)")
+    run.add_argument("--history-length", type=int, default=13,
+                     help="snapshots kept for API windows (default %(default)s: one minute at 5 s)")
     run.add_argument("--api-token-file", type=Path, default=None,
                      help=f"require this bearer token (the file's first line) on every path but /healthz and "
                           f"/readyz; or set ${TOKEN_ENV}")

@@ -6,11 +6,14 @@ FlowSnapshot, the `http` HttpSnapshot, ...) every `interval_s`; the REST API
 (exporter/api/) asks `base(at)` for the newest record at or before a moment and subtracts it
 from the live snapshot. Records are the sources' own immutable snapshots, shared, not copied.
 
-How big: `length` records (default 25 at 5 s: two minutes). Each record holds one
-FlowSnapshot (one Rollup copy per rollup: at the 10k-rollup cap about 25 MB per record, see
-bench/api_flows.py) and references to the other areas, which their sources rebuild every
-sweep anyway. A window reaching further back than the ring is answered from the oldest
-record, and the answer says which window it really covers.
+How big: `length` records (default 13 at 5 s: one minute, Linkerd's default window). A
+record shares every flow rollup and HTTP series that did not change since the record before
+it, so an idle rollup costs one dict slot per record; a rollup that changed costs one Rollup
+copy (about 1.2 KB). Worst case, every one of the 10k rollups (the --max-flows cap) changing
+in every interval: about 12 MB per record, 150 MB for the ring (bench/api.py measures both
+cases). Windows reaching further back than the ring are answered from the oldest record, and
+the answer says which window it really covers (`truncated`); answers without `since` are
+exact since the agent started whatever the ring holds (the snapshot's counters are cumulative).
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import bisect
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Deque, Dict, List, Optional
 
+from meshlens.agent.aggregate.flows import FlowSnapshot
+
 DEFAULT_INTERVAL_S = 5.0
-DEFAULT_LENGTH = 25
+DEFAULT_LENGTH = 13
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,9 @@ class SnapshotHistory:
         return now_mono - self._last >= self.interval_s
 
     def record(self, areas: Dict[str, object]) -> None:
-        rec = Record(self._clock(), self._wall(), dict(areas))
+        with self._lock:
+            prev = self._ring[-1].areas if self._ring else {}
+        rec = Record(self._clock(), self._wall(), {k: _share(v, prev.get(k)) for k, v in areas.items()})
         with self._lock:
             if len(self._ring) == self._ring.maxlen:
                 self._dropped = True
@@ -91,3 +98,24 @@ class SnapshotHistory:
 
     def __len__(self) -> int:
         return len(self._ring)
+
+
+def _share(area: object, prev: object) -> object:
+    """The area with every entry that is unchanged since `prev` replaced by prev's object, so
+    records share what did not move. Flow rollups: unchanged when last_update and the open
+    connection count are; HTTP/DNS series: when their request count is."""
+    if isinstance(area, FlowSnapshot) and isinstance(prev, FlowSnapshot):
+        old = prev.rollups
+        shared = {}
+        for k, r in area.rollups.items():
+            o = old.get(k)
+            shared[k] = o if o is not None and o.last_update == r.last_update and o.active == r.active else r
+        return replace(area, rollups=shared)
+    series, old_series = getattr(area, "series", None), getattr(prev, "series", None)
+    if isinstance(series, dict) and isinstance(old_series, dict) and hasattr(area, "__dataclass_fields__"):
+        shared_series = {}
+        for k, st in series.items():
+            o = old_series.get(k)
+            shared_series[k] = o if o is not None and getattr(o, "count", None) == getattr(st, "count", -1) else st
+        return replace(area, series=shared_series)  # type: ignore[type-var]
+    return area
