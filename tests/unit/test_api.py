@@ -287,3 +287,31 @@ def test_window_reports_truncation_when_history_is_short() -> None:
     assert b.truncated and b.record.areas == {"i": 2}
     assert h.base(1003.5).record.areas == {"i": 2} and not h.base(1003.5).truncated
     assert NOW - T0 == 100.0
+
+
+def test_tap_sampling_adapts_to_the_request_rate() -> None:
+    from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
+
+    writes: list = []
+
+    class Map:
+        def update_raw(self, key: bytes, value: bytes) -> None:
+            writes.append(int.from_bytes(value, "little"))
+
+    class Obj:
+        def map(self, name: str) -> Map:
+            assert name == "tap_ctl"
+            return Map()
+
+    src = HttpSource(HttpConfig(), features=object())  # type: ignore[arg-type]
+    src.obj = Obj()  # type: ignore[assignment]
+    src.set_tap_sampling(1)
+    src._tap_mark, src._tap_new = 0.0, 5000          # 5000 sampled records in 1 s
+    src._adapt_tap(1.0)
+    src._tap_new = 100                                # then 100 in 1 s
+    src._adapt_tap(2.0)
+    src._tap_new = 600
+    src._adapt_tap(3.0)                               # within the band: unchanged
+    src.set_tap_sampling(0)
+    assert writes == [1, 5, 2, 0]
+    src.obj = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ if TYPE_CHECKING:  # dns_source imports this module
     from meshlens.agent.sources.l7.dns import DnsTracker
 
 log = logging.getLogger("meshlens.http")
+
+TAP_TARGET_PER_S = 1000.0   # sampled tap records per second the kernel is steered towards
 
 _SYSCALLS = ("read", "write", "recvfrom", "sendto", "recvmsg", "sendmsg", "readv", "writev")
 
@@ -170,6 +173,9 @@ class HttpSource(ObjectSource):
         self._overflow_records = 0
         self._tap: Deque[TapRecord] = collections.deque(maxlen=config.tap_len)
         self._tap_dropped = 0
+        self._tap_every = 0            # the runtime switch's value (0: off)
+        self._tap_new = 0              # sampled records since the last sweep
+        self._tap_mark = time.monotonic()
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
@@ -260,6 +266,7 @@ class HttpSource(ObjectSource):
         if ev.flags & F_SAMPLE:
             key = self._series_key(ev.key)
             peer = format_addr(ev.key.family, ev.key.client_addr) if key.role == "server" else key.server_address
+            self._tap_new += 1
             if len(self._tap) == self._tap.maxlen:
                 self._tap_dropped += 1
             self._tap.append(TapRecord(ev.ts_ns, key, ev.duration_ns / 1e9, req, resp, peer))
@@ -270,7 +277,26 @@ class HttpSource(ObjectSource):
         tap record; 0 turns sampling off (back to the load-time `sample_every`)."""
         if self.obj is None:
             return
-        self.obj.map("tap_ctl").update_raw((0).to_bytes(4, "little"), int(every).to_bytes(4, "little"))
+        self._tap_every = max(0, int(every))
+        self.obj.map("tap_ctl").update_raw((0).to_bytes(4, "little"), self._tap_every.to_bytes(4, "little"))
+
+    def _adapt_tap(self, now: float) -> None:
+        """While tapping, keep sampled records near TAP_TARGET_PER_S whatever the request
+        rate: every sweep, sample 1 in N with N doubled (or more) when records arrive faster,
+        halved when much slower. A busy node then pays for ~1000 ring-buffer records a
+        second, not one per request."""
+        elapsed, self._tap_mark = now - self._tap_mark, now
+        new, self._tap_new = self._tap_new, 0
+        if not self._tap_every or elapsed <= 0:
+            return
+        rate = new / elapsed
+        every = self._tap_every
+        if rate > TAP_TARGET_PER_S:
+            every = min(1 << 20, every * max(2, math.ceil(rate / TAP_TARGET_PER_S)))
+        elif rate < TAP_TARGET_PER_S / 4 and every > 1:
+            every = max(1, every // 2)
+        if every != self._tap_every:
+            self.set_tap_sampling(every)
 
     # ---- sweeps --------------------------------------------------------------------------
     def _series_key(self, k: MlHttpKey) -> HttpSeriesKey:
@@ -332,6 +358,7 @@ class HttpSource(ObjectSource):
         sums = self.obj.map("l7_counters").percpu_u64_sums()
         self._kernel = {n: sums[i] for i, n in enumerate(COUNTER_NAMES)}
         self.dns.sweep(time.monotonic_ns())
+        self._adapt_tap(now)
         self._snapshot = HttpSnapshot(
             series=series,
             parse_errors={n: self._kernel.get(n, 0) for n in PARSE_ERRORS},
