@@ -111,6 +111,11 @@ def live() -> Iterator[Live]:
             agent = AgentProcess("--kubeconfig", kc, "--node-name", NODE_NAME, "--history-interval", "0.5",
                                  "--history-length", "600", "--map-interval", "0.5")
             with agent, Nginx(pods["api"]) as nginx:
+                live = Live(agent, pods, nginx, {})
+                # names come from the watch: wait until every resource has been listed once
+                synced = wait_until(lambda: (lambda w: bool(w) and all(x["synced"] for x in w.values()))(
+                    live.get("/api/v1/status")["identity"]["watches"]), timeout=30)
+                assert synced, live.get("/api/v1/status")["identity"]
                 fe, db = pods["frontend"], pods["db"]
                 server = start_listener(db, "server", "--host", "0.0.0.0", "--port", "5432", "--count", str(TCP_CONNS),
                                         "--recv", str(TCP_UP), "--send", str(TCP_DOWN))
@@ -119,7 +124,8 @@ def live() -> Iterator[Live]:
                 finish(server)
                 sent = http_load(fe, pods["api"].ipv4, list(REQUESTS.items()))
                 assert sent == {"200": 31, "503": 7, "404": 5}
-                yield Live(agent, pods, nginx, sent)
+                live.sent = sent
+                yield live
     finally:
         node.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,7 +226,7 @@ def _tap_clients(live: Live) -> int:
 
 def test_tap_shows_requests_made_while_open_and_nothing_older(live: Live) -> None:
     events: list = []
-    t = _tap(live, 5, events, to_workload="deploy/api", direction="inbound")
+    t = _tap(live, 12, events, to_workload="deploy/api", direction="inbound")  # long enough on a busy machine
     assert wait_until(lambda: _tap_clients(live) == 1, timeout=5, step=0.05)
     time.sleep(0.3)  # the switch is written before the stream starts; give the first sweep a moment
     assert http_load(live.pods["frontend"], live.pods["api"].ipv4, [("/status/201", 23)]) == {"201": 23}
@@ -237,7 +243,7 @@ def test_tap_shows_requests_made_while_open_and_nothing_older(live: Live) -> Non
 
 def test_tap_respects_max_rps(live: Live) -> None:
     events: list = []
-    seconds = 3.0
+    seconds = 8.0
     t = _tap(live, seconds, events, to_workload="deploy/api", direction="inbound", max_rps="5")
     assert wait_until(lambda: _tap_clients(live) == 1, timeout=5, step=0.05)
     time.sleep(0.3)
