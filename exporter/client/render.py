@@ -34,7 +34,11 @@ def pct(v: Optional[float]) -> str:
 
 
 def ms(v: Optional[float]) -> str:
-    return "-" if v is None else (f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms")
+    if v is None:
+        return "-"
+    if v < 1:
+        return f"{v * 1000:.0f}µs"
+    return f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms"
 
 
 def rate(v: float, unit: str = "") -> str:
