@@ -177,7 +177,7 @@ def create_app(agent: AgentPort, collector: Collects, token: Optional[str] = Non
         to_namespace: Optional[str] = None, to_pod: Optional[str] = None, to_workload: Optional[str] = None,
         to_ip: Optional[str] = Query(None, description="server address in this CIDR (known for outbound flows)"),
         port: Optional[int] = Query(None, ge=1, le=65535, description="server port"),
-        protocol: Optional[str] = Query(None, description="tcp | http (flows where L7 saw HTTP)"),
+        protocol: Optional[str] = Query(None, description="tcp | udp | http (TCP flows where L7 saw HTTP) | dns"),
         direction: Optional[str] = Query(None, description="inbound | outbound (or ingress | egress)"),
         http_status: Optional[str] = Query(None, description="404, or a prefix such as 5+"),
         since: Optional[str] = Query(None, description="RFC 3339 or relative (5m); default: since the agent started"),

@@ -184,7 +184,7 @@ class FlowFilter:
     source: Side = Side()
     destination: Side = Side()
     port: Optional[int] = None
-    protocol: Optional[str] = None        # tcp | http
+    protocol: Optional[str] = None        # tcp | udp | http (TCP flows L7 saw HTTP on) | dns
     direction: Optional[str] = None       # inbound | outbound (as the local pod sees it)
     http_status: Optional[StatusSpec] = None
 
@@ -206,7 +206,7 @@ def parse_direction(param: str, text: str) -> str:
     return d
 
 
-PROTOCOLS = ("tcp", "http")
+PROTOCOLS = ("tcp", "udp", "http", "dns")
 
 
 def parse_protocol(param: str, text: str) -> str:

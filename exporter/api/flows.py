@@ -1,5 +1,7 @@
 """Per-pod flows over a window: one record per (local pod/workload, peer, direction, protocol,
-server port), from the flow table's rollups, with the HTTP summary of that edge where L7 saw it.
+server port), from the flow table's rollups, with the HTTP summary of that edge where L7 saw it,
+plus one `udp` record per (local pod, DNS server) with the DNS summary (lookups answered by
+response code, latency; UDP byte counts are not tracked, so those fields are 0).
 
 Place in the data flow: exporter/api/window.Window (live snapshot minus a history record) ->
 this module (identity names, subtraction, join with HTTP series, filters, cursor pages) ->
@@ -41,6 +43,21 @@ class _Acc:
     rtt: List[int] = field(default_factory=list)
     connect: List[int] = field(default_factory=list)
     http: Optional["_Http"] = None
+    protocol: str = "tcp"
+    dns: Optional["_Dns"] = None
+
+
+@dataclass
+class _Dns:
+    lookups: int = 0
+    answers: int = 0
+    by_rcode: Dict[str, int] = field(default_factory=dict)
+    duration: List[int] = field(default_factory=list)
+    bounds: Sequence[float] = ()
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"lookups": self.lookups, "answers": self.answers, "by_rcode": dict(sorted(self.by_rcode.items())),
+                "latency_ms": quantiles_ms(self.bounds, self.duration)}
 
 
 @dataclass
@@ -144,6 +161,7 @@ def flow_accs(window: Window, flt: FlowFilter, local_pod: Optional[Tuple[str, st
     for acc in accs.values():
         if acc.direction == "inbound":
             inbound_per_port[(acc.local, acc.port)] = inbound_per_port.get((acc.local, acc.port), 0) + 1
+    accs.update(_dns_accs(window))
     out = []
     for acc in accs.values():
         if local_pod is not None and (acc.local.namespace, acc.local.pod) != local_pod:
@@ -158,12 +176,42 @@ def flow_accs(window: Window, flt: FlowFilter, local_pod: Optional[Tuple[str, st
     return out
 
 
+def _dns_accs(window: Window) -> Dict[tuple, _Acc]:
+    """One udp/dns record per (local workload, DNS server, port), from the DNS area."""
+    cur = getattr(window.area("dns"), "series", None) or {}
+    old = getattr(window.base_area("dns"), "series", None) or {}
+    ident = window.identity
+    out: Dict[tuple, _Acc] = {}
+    for key, st in cur.items():
+        prev = old.get(key)
+        n = sub(st.count, prev.count if prev else None)
+        if n <= 0:
+            continue
+        local = ident.local(key.cgroup_id, key.netns, key.process)
+        k = (local, key.server_address, "outbound", key.server_port, "udp")
+        acc = out.get(k)
+        if acc is None:
+            acc = out[k] = _Acc(local, ident.peer(key.server_address), key.server_address, "outbound",
+                                key.server_port, protocol="udp", dns=_Dns(bounds=st.duration.bounds))
+        d = acc.dns
+        assert d is not None
+        d.lookups += n
+        d.answers += sub(st.answers, prev.answers if prev else None)
+        d.by_rcode[key.response_code] = d.by_rcode.get(key.response_code, 0) + n
+        d.duration = add_into(d.duration, sub_counts(st.duration.counts, prev.duration.counts if prev else None))
+    return out
+
+
 def _keep(acc: _Acc, flt: FlowFilter) -> bool:
     if flt.direction is not None and acc.direction != flt.direction:
         return False
     if flt.port is not None and acc.port != flt.port:
         return False
     if flt.protocol == "http" and acc.http is None:
+        return False
+    if flt.protocol in ("udp", "dns") and acc.protocol != "udp":
+        return False
+    if flt.protocol == "tcp" and acc.protocol != "tcp":
         return False
     if flt.http_status is not None:
         if acc.http is None or not any(flt.http_status.matches(int(s)) for s in acc.http.by_status):
@@ -179,8 +227,8 @@ def _record(acc: _Acc) -> Dict[str, object]:
         "local": workload_dict(acc.local),
         "peer": workload_dict(acc.peer, acc.peer_ip),
         "direction": acc.direction,
-        "protocol": "tcp",
-        "l7": "http" if acc.http else None,
+        "protocol": acc.protocol,
+        "l7": "http" if acc.http else ("dns" if acc.dns else None),
         "port": acc.port,
         "bytes_sent": c["bytes_sent"],
         "bytes_received": c["bytes_received"],
@@ -194,12 +242,14 @@ def _record(acc: _Acc) -> Dict[str, object]:
         "rtt_ms": quantiles_ms(LATENCY_BUCKETS, acc.rtt),
         "connect_latency_ms": quantiles_ms(LATENCY_BUCKETS, acc.connect),
         "http": acc.http.as_dict() if acc.http else None,
+        "dns": acc.dns.as_dict() if acc.dns else None,
     }
 
 
 def acc_key(a: _Acc) -> List[object]:
-    """The cursor key: local pod/workload, direction, peer address, port (unique per flow)."""
-    return [a.local.namespace, a.local.pod, a.local.owner_kind, a.local.owner_name, a.direction, a.peer_ip, a.port]
+    """The cursor key: local pod/workload, direction, peer address, port, protocol (unique per flow)."""
+    return [a.local.namespace, a.local.pod, a.local.owner_kind, a.local.owner_name, a.direction, a.peer_ip, a.port,
+            a.protocol]
 
 
 def encode_cursor(key: List[object]) -> str:
@@ -212,8 +262,8 @@ def decode_cursor(text: str) -> List[object]:
         key = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ParamError("cursor", "not a cursor this API handed out") from None
-    if (not isinstance(key, list) or len(key) != 7 or not all(isinstance(x, str) for x in key[:6])
-            or not isinstance(key[6], int) or isinstance(key[6], bool)):
+    if (not isinstance(key, list) or len(key) != 8 or not all(isinstance(x, str) for x in key[:6])
+            or not isinstance(key[6], int) or isinstance(key[6], bool) or not isinstance(key[7], str)):
         raise ParamError("cursor", "not a cursor this API handed out")
     return key
 

@@ -43,12 +43,19 @@ class HttpSummary(_M):
     latency_ms: Quantiles
 
 
+class DnsSummary(_M):
+    lookups: int = Field(description="lookups answered")
+    answers: int = Field(description="answer records")
+    by_rcode: Dict[str, int]
+    latency_ms: Quantiles
+
+
 class Flow(_M):
     local: Endpoint
     peer: Endpoint
     direction: str = Field(description="inbound | outbound, as the local pod sees the connection")
-    protocol: str
-    l7: Optional[str]
+    protocol: str = Field(description="tcp, or udp for DNS lookups (UDP bytes are not tracked: 0)")
+    l7: Optional[str] = Field(description="http or dns when L7 saw that protocol on this flow")
     port: int = Field(description="server port: the local port for inbound, the remote port for outbound")
     bytes_sent: int
     bytes_received: int
@@ -62,6 +69,7 @@ class Flow(_M):
     rtt_ms: Quantiles
     connect_latency_ms: Quantiles
     http: Optional[HttpSummary]
+    dns: Optional[DnsSummary]
 
 
 class FlowList(_M):

@@ -49,7 +49,7 @@ def add_client_commands(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("observe", help="per-pod flows from the running agent (like hubble observe)")
     _common(p)
     _flow_filters(p)
-    p.add_argument("--protocol", choices=["tcp", "http"])
+    p.add_argument("--protocol", choices=["tcp", "udp", "http", "dns"])
     p.add_argument("--since", help="RFC 3339 or relative (5m); default: since the agent started")
     p.add_argument("--until")
     p.add_argument("--last", type=int, default=1000, help="at most this many flows (pages followed)")

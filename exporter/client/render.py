@@ -73,13 +73,20 @@ def flows_table(flows: List[Dict[str, Any]]) -> str:
         else:
             src = f"{src} ({peer_ip})" if peer_ip and peer_ip != src else src
             dst = f"{dst}:{f['port']}"
-        http = f.get("http")
-        statuses = " ".join(f"{k}:{v}" for k, v in http["by_status"].items()) if http else "-"
-        rows.append([src, "->", dst, f["direction"], "HTTP" if http else "TCP",
-                     str(f["connections_opened"]), str(f["connections_active"]),
-                     f"{size(f['bytes_sent'])}/{size(f['bytes_received'])}", str(f["retransmits"]),
-                     str(http["requests"]) if http else "-", statuses,
-                     ms(http["latency_ms"]["p50"]) if http else ms(f["rtt_ms"]["p50"])])
+        http, dns = f.get("http"), f.get("dns")
+        if http:
+            proto, reqs, statuses, p50 = "HTTP", str(http["requests"]), " ".join(
+                f"{k}:{v}" for k, v in http["by_status"].items()), ms(http["latency_ms"]["p50"])
+        elif dns:
+            proto, reqs, statuses, p50 = "DNS", str(dns["lookups"]), " ".join(
+                f"{k}:{v}" for k, v in dns["by_rcode"].items()), ms(dns["latency_ms"]["p50"])
+        else:
+            proto, reqs, statuses, p50 = f["protocol"].upper(), "-", "-", ms(f["rtt_ms"]["p50"])
+        l4 = f["protocol"] == "tcp"
+        rows.append([src, "->", dst, f["direction"], proto,
+                     str(f["connections_opened"]) if l4 else "-", str(f["connections_active"]) if l4 else "-",
+                     f"{size(f['bytes_sent'])}/{size(f['bytes_received'])}" if l4 else "-",
+                     str(f["retransmits"]) if l4 else "-", reqs, statuses, p50])
     return table(["SOURCE", "", "DESTINATION", "DIRECTION", "PROTO", "OPENED", "ACTIVE", "TX/RX", "RETRANS",
                   "REQUESTS", "STATUS", "P50"], rows, right=(5, 6, 8, 9))
 

@@ -30,7 +30,7 @@ from meshlens.agent.sources.l7.routes import template
 from tests.integration.agent_proc import MESHLENS, AgentProcess
 from tests.integration.l7_helpers import run_py
 from tests.integration.pods import Node, Pod
-from tests.integration.servers import Nginx, Prometheus
+from tests.integration.servers import Dnsmasq, Nginx, Prometheus, dns_query
 from tests.integration.test_tcp_l4 import finish, run_json, start_listener
 from tests.unit.fake_apiserver import FakeApiServer, load_objects, owner_ref, pod_object
 
@@ -38,6 +38,7 @@ NODE_NAME = "node-1"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TCP_CONNS, TCP_UP, TCP_DOWN = 13, 4099, 1009
 REQUESTS = {"/status/200": 31, "/status/503": 7, "/status/404": 5}
+DNS_LOOKUPS = {"db.shop.test": 5, "nope.shop.test": 2}     # NOERROR, NXDOMAIN
 
 # keep-alive HTTP client: one connection, the given paths, prints {status: count}
 CLIENT = r'''
@@ -110,7 +111,7 @@ def live() -> Iterator[Live]:
             kubeconfig(kc, api_server.url)
             agent = AgentProcess("--kubeconfig", kc, "--node-name", NODE_NAME, "--history-interval", "0.5",
                                  "--history-length", "600", "--map-interval", "0.5")
-            with agent, Nginx(pods["api"]) as nginx:
+            with agent, Nginx(pods["api"]) as nginx, Dnsmasq(pods["db"], {"db.shop.test": [pods["db"].ipv4]}) as dnsmasq:
                 live = Live(agent, pods, nginx, {})
                 # names come from the watch: wait until every resource has been listed once
                 synced = wait_until(lambda: (lambda w: bool(w) and all(x["synced"] for x in w.values()))(
@@ -124,7 +125,11 @@ def live() -> Iterator[Live]:
                 finish(server)
                 sent = http_load(fe, pods["api"].ipv4, list(REQUESTS.items()))
                 assert sent == {"200": 31, "503": 7, "404": 5}
+                for name, n in DNS_LOOKUPS.items():
+                    for _ in range(n):
+                        dns_query(fe, db.ipv4, name)
                 live.sent = sent
+                live.dnsmasq = dnsmasq  # type: ignore[attr-defined]
                 yield live
     finally:
         node.close()
@@ -161,6 +166,16 @@ def test_flows_filtered_by_pod_equal_the_traffic(live: Live) -> None:
     (inbound,) = live.flows(pod="db-0", direction="inbound")
     assert (inbound["bytes_received"], inbound["connections_opened"]) == (TCP_CONNS * TCP_UP, TCP_CONNS)
     assert "secret-query" not in json.dumps(live.flows())          # no query string ever leaves
+
+
+def test_dns_lookups_are_udp_flows_equal_to_what_dnsmasq_answered(live: Live) -> None:
+    got = wait_until(lambda: [f for f in live.flows(pod="frontend", protocol="dns") if f["dns"]["lookups"] == 7])
+    assert got, live.flows(pod="frontend", protocol="dns")
+    (d,) = got
+    log = live.dnsmasq.query_log()  # type: ignore[attr-defined]
+    assert len([line for line in log if "query[A]" in line]) == 7
+    assert d["dns"]["by_rcode"] == {"NoError": 5, "NXDomain": 2} and d["dns"]["answers"] == 5
+    assert (d["protocol"], d["port"], d["peer"]["pod"]) == ("udp", 53, "db-0")
 
 
 def _metrics_sum(live: Live, name: str, **labels: str) -> float:
@@ -268,7 +283,7 @@ def test_cli_end_to_end(live: Live) -> None:
     assert wait_until(lambda: _frontend_http(live) and _frontend_http(live)[0]["http"]["requests"] >= 43)
     run = lambda *a: subprocess.run([MESHLENS, *a, "--server", live.agent.addr], capture_output=True,  # noqa: E731
                                     text=True, timeout=30)
-    out = run("observe", "--pod", "frontend", "--to-workload", "sts/db", "--direction", "egress", "-o", "json")
+    out = run("observe", "--pod", "frontend", "--to-workload", "sts/db", "--direction", "egress", "--protocol", "tcp", "-o", "json")
     assert out.returncode == 0, out.stderr
     (f,) = json.loads(out.stdout)["flows"]
     assert f["bytes_sent"] == TCP_CONNS * TCP_UP

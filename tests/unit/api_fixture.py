@@ -10,6 +10,7 @@ from meshlens.agent.aggregate.history import SnapshotHistory
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.identity.model import Workload, external
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
+from meshlens.agent.sources.l7.dns import DnsSeriesKey, DnsSnapshot, DnsStats
 from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpStats, TapRecord
 
 T0 = 1_800_000_000.0          # wall clock of the agent's start (2027-01-15T08:00:00Z)
@@ -82,7 +83,16 @@ def areas(scale: int) -> Dict[str, object]:
     tap = tuple(TapRecord(1_000 + i, HttpSeriesKey("server", "p", 2, 2, "GET", 200 if i % 4 else 503, "/users/{id}",
                                                     "10.0.0.12", 8080), 0.0021, None, 4099, "10.0.0.11")
                 for i in range(8))
-    return {"tcp": t.snapshot(), "http": HttpSnapshot(series, {}, 0, 0, tap)}
+    dns: Dict = {}
+    for _ in range(scale):
+        for qtype, rcode, n in (("A", "NoError", 5), ("AAAA", "NXDomain", 2)):
+            k = DnsSeriesKey("p", 1, 1, "10.0.0.53", 53, qtype, rcode, "db.shop.svc")
+            st = dns.setdefault(k, DnsStats())
+            st.count += n
+            st.answers += n if rcode == "NoError" else 0
+            st.duration.counts[2] += n
+            st.duration.count += n
+    return {"tcp": t.snapshot(), "http": HttpSnapshot(series, {}, 0, 0, tap), "dns": DnsSnapshot(dns, 0, 0, 0, 0)}
 
 
 class FixedAgent:

@@ -30,7 +30,7 @@ def flows(client: TestClient, **params) -> list:
 
 
 def test_flows_of_a_pod_equal_the_chain_traffic(client) -> None:
-    out = flows(client, pod="frontend", direction="outbound")
+    out = flows(client, pod="frontend", direction="outbound", protocol="tcp")
     assert len(out) == 1
     (f,) = out
     assert f["local"]["workload"] == "frontend" and f["peer"]["workload"] == "api" and f["port"] == 8080
@@ -43,14 +43,14 @@ def test_flows_of_a_pod_equal_the_chain_traffic(client) -> None:
 
 
 def test_since_subtracts_the_history_record(client) -> None:
-    (f,) = flows(client, pod="frontend", direction="outbound", since="30s")
+    (f,) = flows(client, pod="frontend", direction="outbound", since="30s", protocol="tcp")
     assert f["bytes_sent"] == 4099 * 97 and f["http"]["requests"] == 97
     r = client.get("/api/v1/flows", params={"since": "30s"}).json()["window"]
     assert r["start"] == "2027-01-15T08:00:40.000Z" and r["seconds"] == 60.0 and not r["truncated"]
 
 
 def test_until_in_the_past_ends_at_the_record(client) -> None:
-    (f,) = flows(client, pod="frontend", direction="outbound", until="2027-01-15T08:00:50Z")
+    (f,) = flows(client, pod="frontend", direction="outbound", until="2027-01-15T08:00:50Z", protocol="tcp")
     assert f["bytes_sent"] == 4099 * 97
 
 
@@ -66,6 +66,16 @@ def test_filters_are_anded(client) -> None:
     assert len(flows(client, namespace="shop")) == len(flows(client))
     assert flows(client, namespace="other") == []
     assert len(flows(client, pod="shop/db-")) == 2 and flows(client, pod="other/db-") == []
+
+
+def test_dns_lookups_are_udp_flows(client) -> None:
+    (d,) = flows(client, pod="frontend", protocol="dns")
+    assert (d["protocol"], d["l7"], d["port"], d["peer"]["ip"]) == ("udp", "dns", 53, "10.0.0.53")
+    assert d["dns"]["lookups"] == 14 and d["dns"]["by_rcode"] == {"NoError": 10, "NXDomain": 4}
+    assert d["dns"]["answers"] == 10 and d["dns"]["latency_ms"]["p50"] is not None and d["http"] is None
+    (w,) = flows(client, pod="frontend", protocol="udp", since="30s")
+    assert w["dns"]["lookups"] == 7
+    assert all(f["protocol"] == "tcp" for f in flows(client, protocol="tcp"))
 
 
 def test_db_flows_count_retransmits_and_bytes(client) -> None:
@@ -87,12 +97,12 @@ def test_cursor_pagination_walks_every_flow_once(client) -> None:
         cursor = page["next_cursor"]
         if not cursor:
             break
-    assert seen == everything and len(everything) == 5
+    assert seen == everything and len(everything) == 6
 
 
 @pytest.mark.parametrize("query, param", [
     ("since=yesterday", "since"), ("until=2026-13-01T00:00:00Z", "until"), ("http_status=6xx", "http_status"),
-    ("peer_ip=10.0.0.0/33", "peer_ip"), ("direction=sideways", "direction"), ("protocol=udp", "protocol"),
+    ("peer_ip=10.0.0.0/33", "peer_ip"), ("direction=sideways", "direction"), ("protocol=sctp", "protocol"),
     ("cursor=abc", "cursor"), ("workload=bogus/x", "workload"), ("since=5m&until=10m", "since"),
     ("since=2026-12-01T00:00:00", "since"),
 ])
