@@ -155,6 +155,15 @@ class Agent:
                 s.sweep(now_ns)
             self.sweeps += 1
 
+    def area(self, name: str) -> object:
+        """One source's current snapshot, without building the whole AgentSnapshot (the tap
+        polls the HTTP area ten times a second; copying 10k flow rollups each time would not do)."""
+        with self._lock:
+            for s in self._started:
+                if s.name == name:
+                    return s.snapshot()
+        return None
+
     # ---- the tap: kernel sampling only while someone watches ------------------------------
     def tap_open(self, every: int = 1) -> bool:
         """A tap client connected: the first one turns request sampling on in the kernel.

@@ -54,6 +54,9 @@ class BenchAgent:
         return AgentSnapshot(areas={"tcp": self.table.snapshot()}, health={}, attach={},
                              process=ProcessStats(0.0, 0.0, 0), cgroup_path=lambda cid: f"/kubepods.slice/pod{cid}")
 
+    def area(self, name: str) -> object:
+        return None
+
     def tap_open(self, every: int = 1) -> bool:
         return False
 

@@ -56,6 +56,7 @@ class AgentPort(Protocol):
     started_wall: float
 
     def snapshot(self) -> AgentSnapshot: ...
+    def area(self, name: str) -> object: ...
     def tap_open(self, every: int = 1) -> bool: ...
     def tap_close(self) -> None: ...
     @property
@@ -304,10 +305,10 @@ def create_app(agent: AgentPort, collector: Collects, token: Optional[str] = Non
         if not agent.tap_open():
             agent.tap_close()
             raise F.ParamError("tap", "L7 capture is not running on this agent (--features without l7)")
-        identity = agent.snapshot().identity
+        identity = getattr(agent, "identity", None) or agent.snapshot().identity
 
         def records() -> tuple:
-            return getattr(agent.snapshot().areas.get("http"), "tap", ())
+            return getattr(agent.area("http"), "tap", ())
 
         async def events():
             try:

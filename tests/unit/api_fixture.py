@@ -114,6 +114,9 @@ class FixedAgent:
             attach={"tcp": [AttachChoice("tcp_state", "tracepoint", ["handle_set_state"])]},
             process=ProcessStats(1.5, 0.5, 80 * 2 ** 20), sweeps=7, identity=FixedIdentity())
 
+    def area(self, name: str) -> object:
+        return self.live.get(name)
+
     def tap_open(self, every: int = 1) -> bool:
         self._tap += 1
         self.opened.append(every)
