@@ -45,7 +45,7 @@ class AgentConfig:
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
     history_interval_s: float = DEFAULT_INTERVAL_S  # how often a snapshot goes into the history ring
-    history_len: int = DEFAULT_LENGTH               # records kept (default: two minutes)
+    history_len: int = DEFAULT_LENGTH               # records kept (default: one minute at 5 s)
 
 
 FEATURES = ("l4", "l7", "tc", "sat")
