@@ -299,7 +299,7 @@ def test_window_reports_truncation_when_history_is_short() -> None:
     assert NOW - T0 == 100.0
 
 
-def test_tap_sampling_adapts_to_the_request_rate() -> None:
+def test_tap_sampling_backs_off_only_when_records_are_lost() -> None:
     from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
 
     writes: list = []
@@ -313,15 +313,17 @@ def test_tap_sampling_adapts_to_the_request_rate() -> None:
             assert name == "tap_ctl"
             return Map()
 
-    src = HttpSource(HttpConfig(), features=object())  # type: ignore[arg-type]
+    src = HttpSource(HttpConfig(tap_len=1000), features=object())  # type: ignore[arg-type]
     src.obj = Obj()  # type: ignore[assignment]
     src.set_tap_sampling(1)
-    src._tap_mark, src._tap_new = 0.0, 5000          # 5000 sampled records in 1 s
+    src._tap_mark, src._tap_new = 0.0, 900            # many records, none lost: keep every request
     src._adapt_tap(1.0)
-    src._tap_new = 100                                # then 100 in 1 s
+    src._tap_new, src._tap_dropped = 1000, 400        # the deque overflowed: sample 1 in 2
     src._adapt_tap(2.0)
-    src._tap_new = 600
-    src._adapt_tap(3.0)                               # within the band: unchanged
+    src._kernel = {"ringbuf_full": 3}                 # the ring buffer was full: 1 in 4
+    src._adapt_tap(3.0)
+    src._tap_new = 100                                # calm again: back towards every request
+    src._adapt_tap(4.0)
     src.set_tap_sampling(0)
-    assert writes == [1, 5, 2, 0]
+    assert writes == [1, 2, 4, 2, 0]
     src.obj = None

@@ -53,7 +53,6 @@ if TYPE_CHECKING:  # dns_source imports this module
 
 log = logging.getLogger("meshlens.http")
 
-TAP_TARGET_PER_S = 1000.0   # sampled tap records per second the kernel is steered towards
 
 _SYSCALLS = ("read", "write", "recvfrom", "sendto", "recvmsg", "sendmsg", "readv", "writev")
 
@@ -82,7 +81,7 @@ class HttpConfig:
     ringbuf_bytes: int = 1 << 20
     sample_every: int = 0              # 1 in N requests as a tap record; 0 = off
     routes: RouteConfig = field(default_factory=RouteConfig)
-    tap_len: int = 1000
+    tap_len: int = 5000                # sampled records kept between two sweeps (overflow is counted)
     idle_evict_s: float = 300.0        # kernel entries unchanged this long move to user space
     retired_ttl_s: float = 900.0       # ...and their series stop being exported this much later
 
@@ -176,6 +175,7 @@ class HttpSource(ObjectSource):
         self._tap_every = 0            # the runtime switch's value (0: off)
         self._tap_new = 0              # sampled records since the last sweep
         self._tap_mark = time.monotonic()
+        self._tap_lost_seen = 0        # tap deque drops + ring-buffer-full count at the last sweep
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
@@ -277,23 +277,27 @@ class HttpSource(ObjectSource):
         tap record; 0 turns sampling off (back to the load-time `sample_every`)."""
         if self.obj is None:
             return
+        if not self._tap_every:  # turning on: losses from before do not count
+            self._tap_lost_seen = self._tap_dropped + self._kernel.get("ringbuf_full", 0)
         self._tap_every = max(0, int(every))
         self.obj.map("tap_ctl").update_raw((0).to_bytes(4, "little"), self._tap_every.to_bytes(4, "little"))
 
     def _adapt_tap(self, now: float) -> None:
-        """While tapping, keep sampled records near TAP_TARGET_PER_S whatever the request
-        rate: every sweep, sample 1 in N with N doubled (or more) when records arrive faster,
-        halved when much slower. A busy node then pays for ~1000 ring-buffer records a
-        second, not one per request."""
+        """While tapping, sample every request unless records are being lost (the tap deque
+        overflowed between two sweeps, or the ring buffer was full): then sample 1 in N,
+        N doubled per lossy sweep, and halved again once the sampled rate is well under what
+        one sweep's deque holds. A quiet pod on a busy node is therefore not diluted by the
+        node's other traffic unless the agent really cannot keep up."""
         elapsed, self._tap_mark = now - self._tap_mark, now
         new, self._tap_new = self._tap_new, 0
+        lost = self._tap_dropped + self._kernel.get("ringbuf_full", 0)
+        lossy, self._tap_lost_seen = lost > self._tap_lost_seen, lost
         if not self._tap_every or elapsed <= 0:
             return
-        rate = new / elapsed
         every = self._tap_every
-        if rate > TAP_TARGET_PER_S:
-            every = min(1 << 20, every * max(2, math.ceil(rate / TAP_TARGET_PER_S)))
-        elif rate < TAP_TARGET_PER_S / 4 and every > 1:
+        if lossy:
+            every = min(1 << 20, every * 2)
+        elif every > 1 and new < self.config.tap_len / 4:
             every = max(1, every // 2)
         if every != self._tap_every:
             self.set_tap_sampling(every)
