@@ -3,8 +3,8 @@ route template; response_init: status, latency; response_end: duration, response
 with source and destination pods, filtered like flows and capped at `max_rps`.
 
 Place in the data flow: the first connected client turns kernel sampling on
-(agent/runner.Agent.tap_open -> HttpSource.set_tap_sampling -> the `tap_ctl` map of
-bpf/l7.bpf.c); sampled records reach the HttpSnapshot's bounded `tap` deque at each sweep;
+(agent/runner.Agent.tap_open -> the HTTP source's set_tap_sampling -> the `tap_ctl` map
+bpf/include/http_parser.h gives both L7 objects, syscalls and packets); sampled records reach the HttpSnapshot's bounded `tap` deque at each sweep;
 this module polls the snapshot, keeps records newer than the client's connection (nothing
 older is ever shown), filters them, rate-limits them and yields events; app.py streams them
 as Server-Sent Events. The last client to leave turns sampling off again.
