@@ -33,16 +33,21 @@ setup(
         "meshlens.agent", "meshlens.agent.kernel", "meshlens.agent.sources", "meshlens.agent.sources.tcp",
         "meshlens.agent.sources.l7", "meshlens.agent.sources.tc", "meshlens.agent.sources.saturation",
         "meshlens.agent.identity",
-        "meshlens.agent.aggregate", "meshlens.exporter", "meshlens.exporter.prometheus",
+        "meshlens.agent.aggregate", "meshlens.exporter", "meshlens.exporter.prometheus", "meshlens.exporter.api",
+        "meshlens.exporter.client",
     ],
     package_dir={"meshlens.agent": "agent", "meshlens.exporter": "exporter"},
-    package_data={"meshlens.agent": ["bpfobj/*.bpf.o"]},
+    package_data={"meshlens.agent": ["bpfobj/*.bpf.o"], "meshlens.exporter.api": ["static/*"]},
     install_requires=[
         "prometheus-client>=0.17",
         "pyroute2>=0.7",
         "psutil>=5.9",
         "grpcio>=1.50",
         "fastapi>=0.100",
+        "uvicorn>=0.23",
+        "sse-starlette>=1.6",
+        "httpx>=0.24",
+        "rich>=13",
         "kubernetes>=30",
         "pydantic-settings>=2.3",
     ],
@@ -50,7 +55,7 @@ setup(
                              # daemonset/ checks: Kubernetes schemas, Prometheus Operator CRD models
                              # (their pytest plugin imports filelock)
                              "kubernetes-validate>=1.30", "cloudcoil.models.prometheus-operator>=0.80",
-                             "filelock>=3"]},
+                             "filelock>=3", "schemathesis>=3.19"]},
     entry_points={"console_scripts": ["meshlens=meshlens.exporter.cli:main"]},
     cmdclass={"build_py": BuildWithBpf},
 )

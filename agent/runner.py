@@ -19,6 +19,7 @@ from meshlens.agent.identity.cgroups import CgroupResolver
 from meshlens.agent.identity.model import IdentityView, StandaloneIdentity
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.aggregate.flows import FlowTable
+from meshlens.agent.aggregate.history import DEFAULT_INTERVAL_S, DEFAULT_LENGTH, SnapshotHistory
 from meshlens.agent.aggregate.service_map import ServiceMap
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.sources.base import Source
@@ -43,6 +44,8 @@ class AgentConfig:
     l7_source: str = "auto"        # packets | syscalls | auto (agent/sources/l7/select.py)
     map_interval_s: float = 5.0    # how often the service map records edge totals
     map_window_s: float = 60.0     # the window its rates and percentiles cover
+    history_interval_s: float = DEFAULT_INTERVAL_S  # how often a snapshot goes into the history ring
+    history_len: int = DEFAULT_LENGTH               # records kept (default: one minute at 5 s)
 
 
 FEATURES = ("l4", "l7", "tc", "sat")
@@ -85,6 +88,10 @@ class Agent:
         self._watch_status = watch_status
         self.service_map = ServiceMap(config.map_window_s, identity=self.identity)
         self._last_map = float("-inf")
+        self.history = SnapshotHistory(config.history_interval_s, config.history_len)
+        self.started_wall = time.time()
+        self._tap_clients = 0
+        self._tap_lock = threading.Lock()
         self._epoll: Optional[select.epoll] = None
         self._ready: Dict[int, object] = {}
         self.sweeps = 0
@@ -139,6 +146,10 @@ class Agent:
             if now - self._last_map >= self.config.map_interval_s:
                 self.observe_service_map()
                 self._last_map = now
+            if self.history.due(now):
+                with self._lock:
+                    areas = {s.name: s.snapshot() for s in self._started}
+                self.history.record(areas)
             return now
         return last_sweep
 
@@ -153,6 +164,40 @@ class Agent:
             for s in self._started:
                 s.sweep(now_ns)
             self.sweeps += 1
+
+    def area(self, name: str) -> object:
+        """One source's current snapshot, without building the whole AgentSnapshot (the tap
+        polls the HTTP area ten times a second; copying 10k flow rollups each time would not do)."""
+        with self._lock:
+            for s in self._started:
+                if s.name == name:
+                    return s.snapshot()
+        return None
+
+    # ---- the tap: kernel sampling only while someone watches ------------------------------
+    def tap_open(self, every: int = 1) -> bool:
+        """A tap client connected: the first one turns request sampling on in the kernel.
+        False when no source can sample (L7 not running)."""
+        sources = [s for s in self._started if hasattr(s, "set_tap_sampling")]
+        with self._tap_lock:
+            self._tap_clients += 1
+            if self._tap_clients == 1:
+                for s in sources:
+                    s.set_tap_sampling(every)  # type: ignore[attr-defined]
+        return bool(sources)
+
+    def tap_close(self) -> None:
+        """A tap client went away: the last one turns sampling off again."""
+        with self._tap_lock:
+            self._tap_clients = max(0, self._tap_clients - 1)
+            if self._tap_clients == 0:
+                for s in self._started:
+                    if hasattr(s, "set_tap_sampling"):
+                        s.set_tap_sampling(0)  # type: ignore[attr-defined]
+
+    @property
+    def tap_clients(self) -> int:
+        return self._tap_clients
 
     def run(self, stop: threading.Event) -> None:
         last = time.monotonic()

@@ -7,8 +7,9 @@ connection, so every counter and all three histograms carry data: the exposition
 many more sample lines than rollups, and both numbers are reported. The collector is
 driven exactly as in the agent (exporter.collector.make_registry on an AgentSnapshot
 built from a real agent.flows.FlowTable), timed two ways: an HTTP GET through the agent's
-own exporter.http_server.serve_metrics (what Prometheus sees; it renders with the
-exporter's own text writer), and client_python's generate_latest() as a reference.
+own server (exporter/api/app.py under uvicorn, exporter/api/server.py: what Prometheus
+sees; it renders with the exporter's own text writer), and client_python's
+generate_latest() as a reference.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from prometheus_client import generate_latest
 from meshlens.agent.aggregate.flows import OVERFLOW, ConnFacts, FlowTable
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.exporter.prometheus.collector import make_registry
-from meshlens.exporter.http_server import serve_metrics
+from meshlens.exporter.api.app import create_app
+from meshlens.exporter.api.server import ApiServer
 
 from .context import Context
 from .report import SectionResult, Table, fmt, fmt_summary
@@ -52,6 +54,14 @@ def snapshot_fn(table: FlowTable) -> Callable[[], AgentSnapshot]:
         return AgentSnapshot(areas={"tcp": table.snapshot()}, health={}, attach={},
                              process=ProcessStats(0.0, 0.0, 0), cgroup_path=lambda cid: f"/kubepods.slice/pod{cid}")
     return snap
+
+
+class _MetricsOnly:
+    """The agent port of the API app, for a server asked only for /metrics."""
+
+    history = None
+    started_wall = 0.0
+    tap_clients = 0
 
 
 def _scrape_http(url: str) -> bytes:
@@ -86,8 +96,9 @@ def measure(n: int, repeats: int) -> Dict[str, Any]:
         t = time.perf_counter()
         body = generate_latest(registry)
         gen.append((time.perf_counter() - t) * 1e3)
-    addr = f"127.0.0.1:{free_port()}"
-    server, _ = serve_metrics(registry, addr)
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    server = ApiServer(create_app(_MetricsOnly(), registry), "127.0.0.1", port).start()
     http: List[float] = []
     try:
         for _ in range(repeats):
@@ -97,7 +108,6 @@ def measure(n: int, repeats: int) -> Dict[str, Any]:
             http.append((time.perf_counter() - t) * 1e3)
     finally:
         server.shutdown()
-        server.server_close()
     lines = sum(1 for line in body.split(b"\n") if line and not line.startswith(b"#"))
     return {"rollups": n, "repeats": repeats, "generate_ms": summarize(gen), "http_ms": summarize(http),
             "bytes": len(body), "sample_lines": lines, "fill_s": fill_s, "table_mb": table_bytes / 1e6}

@@ -23,9 +23,9 @@ from .context import Context
 from .env import environment
 from .report import SectionResult, write_reports
 
-SECTIONS = ("overhead", "agent_cost", "capacity", "accuracy", "exporter")
+SECTIONS = ("overhead", "agent_cost", "capacity", "accuracy", "exporter", "api")
 HERE = Path(__file__).resolve().parent
-NEEDS_ROOT = {"overhead", "agent_cost", "capacity", "accuracy"}
+NEEDS_ROOT = {"overhead", "agent_cost", "capacity", "accuracy"}  # exporter and api run without
 
 log = logging.getLogger("bench")
 

@@ -1,5 +1,6 @@
-"""`meshlens` command line: `run` starts the agent (standalone on this node), `check`
-reports whether this kernel can run it. The console-script entry point of the package."""
+"""`meshlens` command line: `run` starts the agent (standalone on this node) and its one
+HTTP port (metrics, REST API), `check` reports whether this kernel can run it, `config` prints
+the settings, and observe/stat/routes/edges/top/tap/servicemap query a running agent. The console-script entry point of the package."""
 from __future__ import annotations
 
 import argparse
@@ -58,17 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the settings file format")
     cfg.add_argument("--print-defaults", action="store_true", required=True,
                      help="print every setting with its default, as a file `run --config` reads")
+    from meshlens.exporter.client.commands import add_client_commands
+
+    add_client_commands(sub)
     return p
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from meshlens.exporter.api.app import create_app
+    from meshlens.exporter.api.server import ApiServer
+    from meshlens.exporter.http_server import parse_addr
     from meshlens.exporter.prometheus.collector import MeshlensCollector
-    from meshlens.exporter.http_server import serve_metrics
 
     err = None  # settings were validated by exporter/config.py before this runs
     try:
         identity = identity_from_args(args)  # started with the agent; its view names series
-    except ValueError as exc:
+        token = args.settings.token()
+    except (ValueError, OSError) as exc:
         err = str(exc)
     if err:
         print(f"meshlens: {err}", file=sys.stderr)
@@ -93,8 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         identity.start()
-        server, _ = serve_metrics(MeshlensCollector(agent.snapshot), args.metrics_addr)
-        log.info("meshlens running: metrics on http://%s/metrics", args.metrics_addr)
+        host, port = parse_addr(args.metrics_addr)
+        app = create_app(agent, MeshlensCollector(agent.snapshot), token)
+        try:
+            server = ApiServer(app, host, port).start()
+        except OSError as exc:
+            print(f"meshlens: cannot serve on {args.metrics_addr}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        log.info("meshlens running: metrics on http://%s/metrics, API on http://%s/api/v1 (auth %s)",
+                 args.metrics_addr, args.metrics_addr, "on" if token else "off")
         agent.run(stop)
         server.shutdown()
     finally:
@@ -133,7 +147,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         logging.getLogger("meshlens.libbpf").setLevel(logging.WARNING)
-    return {"run": cmd_run, "check": cmd_check, "config": cmd_config}[args.cmd](args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # it logs every request line at INFO
+    if args.cmd in ("run", "check", "config"):
+        return {"run": cmd_run, "check": cmd_check, "config": cmd_config}[args.cmd](args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

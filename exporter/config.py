@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     sweep_interval: PositiveFloat = Field(1.0, description="seconds between kernel map sweeps")
     map_window: PositiveFloat = Field(60.0, description="service map window in seconds")
     map_interval: PositiveFloat = Field(5.0, description="seconds between service map records")
+    history_interval: PositiveFloat = Field(5.0, description="seconds between the API's history records (windows)")
+    history_length: PositiveInt = Field(13, description="history records kept (the API's longest window is "
+                                        "history_interval x (history_length - 1))")
     socket_walk_interval: PositiveFloat = Field(10.0, description="seconds between saturation's walks over every "
                                                                   "namespace's sockets")
     # bounds: kernel maps, flow table, cardinality
@@ -150,6 +153,8 @@ class Settings(BaseSettings):
             sweep_interval_s=self.sweep_interval,
             map_window_s=self.map_window,
             map_interval_s=self.map_interval,
+            history_interval_s=self.history_interval,
+            history_len=self.history_length,
             l7_source=self.l7_source,
             features=tuple(sorted(self.features.split(","))),
             tcp=TcpConfig(conns_max_entries=self.conns_map_size, max_rollups=self.max_rollups(), rollup_ttl_s=self.flow_ttl,
@@ -249,7 +254,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("namespaces_include", "namespaces_exclude"):
         field = Settings.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", default=field.default, metavar="NS,...", help=field.description)
-    for name in ("max_series", "external_peers_per_workload", "peer_rerank_interval", "http_sample_every", "http_conns_map_size",
+    for name in ("history_interval", "history_length", "max_series", "external_peers_per_workload", "peer_rerank_interval", "http_sample_every", "http_conns_map_size",
                  "http_stats_map_size"):
         field = Settings.model_fields[name]
         kind = float if isinstance(field.default, float) else int

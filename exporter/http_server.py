@@ -1,7 +1,9 @@
-"""Serves /metrics over HTTP: each scrape takes one snapshot through the collector and
-writes it with exporter/text_format (the same families client_python would render, at a
-fraction of the cost). A threaded stdlib server: scrapes never block the agent's loop. The
-REST API joins here in a later issue."""
+"""`parse_addr()` for the agent's listen address, and a stdlib /metrics-only server.
+
+The agent itself serves /metrics together with the REST API from one ASGI app
+(exporter/api/app.py under uvicorn, exporter/api/server.py), rendering with the same text
+writer (exporter/prometheus/text_format), so the bytes are identical. This threaded stdlib
+server stays for tools that want /metrics alone without FastAPI (tests, comparisons)."""
 from __future__ import annotations
 
 import logging

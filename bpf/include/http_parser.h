@@ -152,6 +152,16 @@ struct {
 	__type(value, __u64);
 } l7_counters SEC(".maps");
 
+/* Runtime tap switch, written by the agent while at least one tap client is connected:
+ * entry 0 is "one request in N goes to the tap" (0 = off). It overrides sample_every, the
+ * load-time default, so sampling costs nothing while nobody watches. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} tap_ctl SEC(".maps");
+
 /* Never used by the programs: makes clang emit BTF for the ring-buffer record types, which
  * the agent's ctypes mirrors are checked against (tests/unit/test_l7_structs.py). */
 struct l7_record_types {
@@ -287,10 +297,16 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 	k.method = p->method;
 	count(ML_L7_HTTP_REQUESTS);
 
-	/* One request in sample_every goes to the tap, whichever path it takes below. */
-	if (sample_every) {
+	/* One request in N goes to the tap, whichever path it takes below: N from the runtime
+	 * switch (tap_ctl) when a tap client is connected, else the load-time sample_every. */
+	__u32 tap_idx = 0, every = sample_every;
+	__u32 *tap = bpf_map_lookup_elem(&tap_ctl, &tap_idx);
+
+	if (tap && *tap)
+		every = *tap;
+	if (every) {
 		sc->sample_ctr++;
-		if (sc->sample_ctr % sample_every == 0) {
+		if (sc->sample_ctr % every == 0) {
 			count(ML_L7_SAMPLES);
 			flags |= ML_HTTP_F_SAMPLE;
 		}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ class AgentProcess:
             try:
                 self.scrape_text()
                 return self
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401:  # serving, behind a bearer token
+                    return self
+                time.sleep(0.1)
             except OSError:
                 time.sleep(0.1)
         raise TimeoutError(f"agent did not serve /metrics in {timeout}s:\n{self.log()}")

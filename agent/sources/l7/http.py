@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # dns_source imports this module
 
 log = logging.getLogger("meshlens.http")
 
+
 _SYSCALLS = ("read", "write", "recvfrom", "sendto", "recvmsg", "sendmsg", "readv", "writev")
 
 
@@ -79,7 +81,7 @@ class HttpConfig:
     ringbuf_bytes: int = 1 << 20
     sample_every: int = 0              # 1 in N requests as a tap record; 0 = off
     routes: RouteConfig = field(default_factory=RouteConfig)
-    tap_len: int = 1000
+    tap_len: int = 5000                # sampled records kept between two sweeps (overflow is counted)
     idle_evict_s: float = 300.0        # kernel entries unchanged this long move to user space
     retired_ttl_s: float = 900.0       # ...and their series stop being exported this much later
 
@@ -133,6 +135,7 @@ class TapRecord:
     duration_s: float
     request_body: Optional[int]
     response_body: Optional[int]
+    peer_address: str = ""    # the other end: the client for server-role records, else the server
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class HttpSnapshot:
     route_overflows: int
     overflow_records: int
     tap: Tuple[TapRecord, ...] = ()
+    tap_dropped: int = 0          # sampled records pushed out of the bounded tap deque unread
 
 
 class HttpSource(ObjectSource):
@@ -167,6 +171,11 @@ class HttpSource(ObjectSource):
         self.retired_expired = 0
         self._overflow_records = 0
         self._tap: Deque[TapRecord] = collections.deque(maxlen=config.tap_len)
+        self._tap_dropped = 0
+        self._tap_every = 0            # the runtime switch's value (0: off)
+        self._tap_new = 0              # sampled records since the last sweep
+        self._tap_mark = time.monotonic()
+        self._tap_lost_seen = 0        # tap deque drops + ring-buffer-full count at the last sweep
         self._kernel: Dict[str, int] = {n: 0 for n in COUNTER_NAMES}
         self._entries: Dict[str, int] = {}
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
@@ -255,7 +264,43 @@ class HttpSource(ObjectSource):
             if resp is not None:
                 st.response_body.observe(float(resp))
         if ev.flags & F_SAMPLE:
-            self._tap.append(TapRecord(ev.ts_ns, self._series_key(ev.key), ev.duration_ns / 1e9, req, resp))
+            key = self._series_key(ev.key)
+            peer = format_addr(ev.key.family, ev.key.client_addr) if key.role == "server" else key.server_address
+            self._tap_new += 1
+            if len(self._tap) == self._tap.maxlen:
+                self._tap_dropped += 1
+            self._tap.append(TapRecord(ev.ts_ns, key, ev.duration_ns / 1e9, req, resp, peer))
+
+    # ---- tap switch ----------------------------------------------------------------------
+    def set_tap_sampling(self, every: int) -> None:
+        """Runtime tap switch (the kernel's `tap_ctl` map): one request in `every` becomes a
+        tap record; 0 turns sampling off (back to the load-time `sample_every`)."""
+        if self.obj is None:
+            return
+        if not self._tap_every:  # turning on: losses from before do not count
+            self._tap_lost_seen = self._tap_dropped + self._kernel.get("ringbuf_full", 0)
+        self._tap_every = max(0, int(every))
+        self.obj.map("tap_ctl").update_raw((0).to_bytes(4, "little"), self._tap_every.to_bytes(4, "little"))
+
+    def _adapt_tap(self, now: float) -> None:
+        """While tapping, sample every request unless records are being lost (the tap deque
+        overflowed between two sweeps, or the ring buffer was full): then sample 1 in N,
+        N doubled per lossy sweep, and halved again once the sampled rate is well under what
+        one sweep's deque holds. A quiet pod on a busy node is therefore not diluted by the
+        node's other traffic unless the agent really cannot keep up."""
+        elapsed, self._tap_mark = now - self._tap_mark, now
+        new, self._tap_new = self._tap_new, 0
+        lost = self._tap_dropped + self._kernel.get("ringbuf_full", 0)
+        lossy, self._tap_lost_seen = lost > self._tap_lost_seen, lost
+        if not self._tap_every or elapsed <= 0:
+            return
+        every = self._tap_every
+        if lossy:
+            every = min(1 << 20, every * 2)
+        elif every > 1 and new < self.config.tap_len / 4:
+            every = max(1, every // 2)
+        if every != self._tap_every:
+            self.set_tap_sampling(every)
 
     # ---- sweeps --------------------------------------------------------------------------
     def _series_key(self, k: MlHttpKey) -> HttpSeriesKey:
@@ -317,12 +362,14 @@ class HttpSource(ObjectSource):
         sums = self.obj.map("l7_counters").percpu_u64_sums()
         self._kernel = {n: sums[i] for i, n in enumerate(COUNTER_NAMES)}
         self.dns.sweep(time.monotonic_ns())
+        self._adapt_tap(now)
         self._snapshot = HttpSnapshot(
             series=series,
             parse_errors={n: self._kernel.get(n, 0) for n in PARSE_ERRORS},
             route_overflows=self.routes.overflowed,
             overflow_records=self._overflow_records,
             tap=tuple(self._tap),
+            tap_dropped=self._tap_dropped,
         )
 
     # ---- views -------------------------------------------------------------------------

@@ -82,7 +82,13 @@ class BothHttpSource(Source):
             route_overflows=sum(s.route_overflows for s in snaps),
             overflow_records=sum(s.overflow_records for s in snaps),
             tap=tuple(t for s in snaps for t in s.tap),
+            tap_dropped=sum(s.tap_dropped for s in snaps),
         )
+
+    def set_tap_sampling(self, every: int) -> None:
+        """The tap switch of both paths (each object has its own `tap_ctl` map)."""
+        for p in self._started:
+            p.set_tap_sampling(every)
 
     def snapshot(self) -> HttpSnapshot:
         return self._snapshot
