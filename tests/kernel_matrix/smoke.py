@@ -200,8 +200,11 @@ def http_section(node: Node, agent: AgentProcess) -> Report:
     def read(m: Scrape) -> Dict[str, Any]:
         return {
             "server_requests_by_status": by_status(m, "http_server_request_duration_seconds_count",
-                                                   dict(**_of(web), server_port="80")),
-            "client_requests_by_status": by_status(m, "http_client_request_duration_seconds_count", _of(cli)),
+                                                   {"netns": _of(web)["netns"], "server_port": "80"}),
+            # the pod by its netns: on the packet path (--l7-source auto, pod traffic) a series
+            # has no socket, hence no cgroup; each test pod has a network namespace of its own
+            "client_requests_by_status": by_status(m, "http_client_request_duration_seconds_count",
+                                                   {"netns": _of(cli)["netns"]}),
             "server_tcp_sent_bytes": m.total("meshlens_tcp_sent_bytes_total", **inb),
             "server_tcp_received_bytes": m.total("meshlens_tcp_received_bytes_total", **inb),
         }
