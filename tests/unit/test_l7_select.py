@@ -65,3 +65,25 @@ def test_cover_netns_before_start_is_remembered() -> None:
     src.cover_netns(4026532222, True)
     src.cover_netns(4026532111, False)
     assert src._covered == {4026532222}
+
+
+def test_auto_falls_back_to_syscalls_when_the_kernel_refuses_the_packet_path(monkeypatch) -> None:
+    """Attach with fallbacks: a verifier that rejects l7pkt.bpf.o (Debian's 6.1 did) leaves the
+    syscall path parsing everything, says why, and un-registers the pods it had skipped."""
+    from meshlens.agent.kernel.bpf import BpfError
+
+    both = l7_sources_for("auto")[0]
+    monkeypatch.setattr(both.syscalls, "start", lambda: None)
+    both.syscalls._covered.add(4026532001)
+
+    def refuse() -> None:
+        raise BpfError("load l7pkt.bpf.o", 13, ["invalid zero-sized read"])
+
+    monkeypatch.setattr(both.packets, "start", refuse)
+    both.start()
+    assert both.packets_refused == "[Errno 13] load l7pkt.bpf.o: Permission denied"
+    assert both.syscalls._covered == set()
+    report = {c.signal: c for c in both.attach_report()}
+    assert report["l7_pod_traffic"].chosen == "syscalls (all traffic)"
+    assert report["l7_pod_traffic"].tried == ["packets: [Errno 13] load l7pkt.bpf.o: Permission denied"]
+    assert both.ring_buffers() == both.syscalls.ring_buffers()

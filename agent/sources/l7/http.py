@@ -216,6 +216,11 @@ class HttpSource(ObjectSource):
         if self.obj:
             self._write_covered(netns, covered)
 
+    def uncover_all(self) -> None:
+        """Parse every pod's sockets here again (the packet path is gone)."""
+        for netns in list(self._covered):
+            self.cover_netns(netns, False)
+
     def _write_covered(self, netns: int, covered: bool) -> None:
         key = netns.to_bytes(4, "little")
         try:

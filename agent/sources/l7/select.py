@@ -9,9 +9,12 @@ auto:     both; each pod veth the packet path attaches to is registered with the
           syscalls, and each request is counted once. One DnsTracker serves both.
 
 BothHttpSource merges the two snapshots into one HttpSnapshot for exporter/prometheus/http.py.
+Attach with fallbacks: if this kernel refuses the packet object (load or verifier), auto keeps
+the syscall path for all traffic, logs why, and `meshlens check` shows it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional
 
 from meshlens.agent.kernel import bpf
@@ -22,6 +25,8 @@ from meshlens.agent.sources.l7.http import HttpConfig, HttpSnapshot, HttpSource,
 from meshlens.agent.sources.l7.packets import PacketHttpSource
 
 L7_SOURCES = ("auto", "packets", "syscalls")
+
+log = logging.getLogger("meshlens.http")
 
 
 class BothHttpSource(Source):
@@ -36,6 +41,7 @@ class BothHttpSource(Source):
         self._parts: List[HttpSource] = [self.syscalls, self.packets]
         self._started: List[HttpSource] = []
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
+        self.packets_refused: Optional[str] = None  # why the kernel refused the packet path
 
     @property
     def obj(self) -> Optional[bpf.BpfObject]:
@@ -43,12 +49,21 @@ class BothHttpSource(Source):
 
     def start(self) -> None:
         try:
-            for part in self._parts:   # syscalls first: the packet path registers pods with it
-                part.start()
-                self._started.append(part)
+            self.syscalls.start()   # first: the packet path registers pods with it
+            self._started.append(self.syscalls)
         except Exception:
             self.stop()
             raise
+        try:
+            self.packets.start()
+            self._started.append(self.packets)
+        except Exception as exc:  # noqa: BLE001 - e.g. a verifier that rejects l7pkt.bpf.o here
+            self.packets_refused = str(exc).splitlines()[0][:300]
+            log.warning("http: packet path refused by this kernel (%s); syscalls parse all traffic",
+                        self.packets_refused)
+            self.packets.stop()
+            self.syscalls.uncover_all()
+            self._parts = [self.syscalls]
 
     def stop(self) -> None:
         while self._started:
@@ -111,7 +126,8 @@ class BothHttpSource(Source):
             return out
 
         entries = dict(hs[0].map_entries)
-        entries.update({f"pkt_{n}" if n in entries else n: v for n, v in hs[1].map_entries.items()})
+        for h in hs[1:]:
+            entries.update({f"pkt_{n}" if n in entries else n: v for n, v in h.map_entries.items()})
         return SourceHealth(
             events_read=add([h.events_read for h in hs]),
             events_lost=add([h.events_lost for h in hs]),
@@ -123,8 +139,14 @@ class BothHttpSource(Source):
 
     def attach_report(self) -> List[AttachChoice]:
         """Which path each kind of traffic takes (shown by `meshlens check`)."""
-        pkt = self.packets.attach_report()
         sys_ = self.syscalls.attach_report()
+        if self.packets_refused is not None:
+            return [AttachChoice("l7_pod_traffic", "syscalls (all traffic)",
+                                 [p for c in sys_ if c.signal == "l7_payload" for p in c.programs],
+                                 tried=[f"packets: {self.packets_refused}"]),
+                    AttachChoice("l7_other_traffic", "syscalls (loopback, hostNetwork, no pod veth)",
+                                 [p for c in sys_ if c.signal == "l7_payload" for p in c.programs])] + sys_
+        pkt = self.packets.attach_report()
         out = [AttachChoice("l7_pod_traffic", "packets (tc on pod veths)" if pkt else "",
                             [p for c in pkt if c.signal == "l7_payload" for p in c.programs]),
                AttachChoice("l7_other_traffic", "syscalls (loopback, hostNetwork, no pod veth)" if sys_ else "",
