@@ -85,8 +85,17 @@ def test_three_tier_chain_service_map(node, capsys) -> None:
             assert registry.get_sample_value("meshlens_edge_received_bytes_total", ad) == REQUESTS * DB_ANSWER
             assert registry.get_sample_value("meshlens_edge_requests_total", ad) == 0  # db speaks no HTTP
 
-            window = [e for e in agent.service_map.window()
-                      if e.client.namespace == "shop" or e.server.namespace == "shop"]
+            def shop_window() -> list:
+                agent.observe_service_map()
+                return [e for e in agent.service_map.window()
+                        if e.client.namespace == "shop" or e.server.namespace == "shop"]
+
+            # the window is a record of the map at observation time: observe again until the
+            # last request's sweep is in it (it raced the counters' check above under load)
+            window = shop_window()
+            while time.monotonic() < deadline + 10 and sum(e.requests for e in window) < REQUESTS:
+                time.sleep(0.3)
+                window = shop_window()
             edges = {(e.client.owner_name, e.server.owner_name) for e in window}
             assert edges == {("frontend", "api"), ("api", "db")}
             (f2a,) = [e for e in window if e.server.owner_name == "api"]

@@ -38,8 +38,16 @@ modroot=""
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	kmatrix.modroot=*) modroot="${arg#kmatrix.modroot=}" ;;
+	kmatrix.repo=*) repo="${arg#kmatrix.repo=}" ;;
 	esac
 done
+# The checkout is on the host root, unless it sits under a directory a tmpfs now hides (a
+# clone in /tmp): then mount its own share there.
+if [ -n "${repo:-}" ] && [ ! -e "$repo/Makefile" ]; then
+	mkdir -p "$repo"
+	mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose kmrepo "$repo" \
+		|| die "mount of the checkout over 9p failed"
+fi
 [ -d "$modroot/lib/modules/$(uname -r)" ] || die "no modules for $(uname -r) under '$modroot'"
 # The kernel (request_module), iptables and ip run this for every module they need.
 cat > /run/kmatrix/modprobe <<EOF

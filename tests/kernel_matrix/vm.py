@@ -55,6 +55,9 @@ def qemu_missing_reason() -> Optional[str]:
     return None
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
     """The shell script stage 2 runs: environment, working directory, then exec the command."""
     lines = ["set -e"]
@@ -68,7 +71,7 @@ def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str
 def qemu_argv(image: GuestImage, outdir: Path, console: Path) -> list[str]:
     append = " ".join([
         "console=ttyS0", "quiet", "loglevel=4", "panic=-1", "mitigations=off", "tsc=reliable",
-        f"kmatrix.stage2={STAGE2}", f"kmatrix.modroot={image.module_root}",
+        f"kmatrix.stage2={STAGE2}", f"kmatrix.modroot={image.module_root}", f"kmatrix.repo={REPO_ROOT}",
     ])
     return [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
@@ -78,6 +81,9 @@ def qemu_argv(image: GuestImage, outdir: Path, console: Path) -> list[str]:
         "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd), "-append", append,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={outdir},mount_tag=kmout,security_model=none,multidevs=remap",
+        # the checkout (and its .venv) again on its own: under /tmp (a CI clone) the guest's
+        # tmpfs on /tmp would hide it
+        "-virtfs", f"local,path={REPO_ROOT},mount_tag=kmrepo,security_model=none,readonly=on,multidevs=remap",
     ]
 
 
