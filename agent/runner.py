@@ -107,6 +107,9 @@ class Agent:
         except Exception:
             self.stop()
             raise
+        # the service map's first record is the moment the agent started: a window then
+        # covers every request since, not only those after the first timed observation
+        self.observe_service_map()
 
     def stop(self) -> None:
         if self._epoll is not None:
