@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
+    run.add_argument("--rollups-map-size", type=int, default=16384,
+                     help="kernel rollup map entries; beyond them deltas travel the ring buffer (counted)")
     run.add_argument("--features", default="l4,l7,tc,sat",
                      help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS, see --l7-source), "
                           "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "
@@ -55,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(args: argparse.Namespace) -> Optional[str]:
-    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "map_window", "map_interval"):
+    for name in ("sweep_interval", "socket_walk_interval", "max_flows", "flow_ttl", "conns_map_size", "rollups_map_size",
+                 "map_window", "map_interval"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive"
     return None
@@ -103,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         features=tuple(sorted({"l4", *(f.strip() for f in args.features.split(",") if f.strip())})),
         map_interval_s=args.map_interval,
         l7_source=args.l7_source,
-        tcp=TcpConfig(conns_max_entries=args.conns_map_size, max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
+        tcp=TcpConfig(conns_max_entries=args.conns_map_size, rollups_max_entries=args.rollups_map_size,
+                      max_rollups=args.max_flows, rollup_ttl_s=args.flow_ttl),
         sat=SatConfig(walk_interval_s=args.socket_walk_interval),
     )
     stop = threading.Event()

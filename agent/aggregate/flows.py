@@ -1,15 +1,13 @@
-"""The L4 flow table: per-connection state rolled up per (local identity, peer, direction).
+"""The L4 flow table: cumulative counters per rollup (local identity, peer, direction, port).
 
-Fed by agent/sources/tcp/source.py with kernel facts (ConnFacts) (open/close events, periodic sweeps of the
-`conns` map, overflow records); read by the exporter through `snapshot()`.
+Fed by agent/sources/tcp/source.py with rollup deltas: what each kernel rollup
+(bpf/tcpconn.bpf.c `rollups`) gained since the last sweep, and overflow records the kernel
+could not fit in that map. Read by the exporter through `snapshot()`. The kernel already
+aggregated per rollup, so the work here is per rollup and per sweep, not per connection.
 
-Per connection (keyed by socket pointer + start time, so a reused pointer is a new
-connection) it remembers the counters already credited, so every sweep adds only the delta.
-Connections roll up into a RollupKey. For the peer, outbound connections keep the remote
-address and port; inbound ones keep the remote address and the *local* (server) port: the
-client's ephemeral port would make every connection its own series. Accepted sockets learn
-their process only when the owning process first reads or writes; until then their counts
-wait in the connection record, and they are credited at that point (or at close).
+For the peer, outbound connections keep the remote address and port; inbound ones keep the
+remote address and the *local* (server) port: the client's ephemeral port would make every
+connection its own series. Inbound connections are named after the listening process.
 
 Bounded: at most `max_rollups` keys; new keys beyond that go to one overflow key and are
 counted. Keys without live connections and without updates for `ttl` seconds expire.
@@ -18,32 +16,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Sequence
 
 from meshlens.agent.sources.histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
-from meshlens.agent.sources.tcp.facts import ConnFacts
+from meshlens.agent.sources.tcp.facts import RollupKey
+from meshlens.agent.sources.tcp.structs import (
+    DUR_SLOTS, FAIL_REASONS, LAT_SLOTS, R_ACTIVE, R_BYTES_RECEIVED, R_BYTES_SENT, R_CLOSED, R_CONNECT_HIST,
+    R_CONNECT_SUM, R_DURATION_HIST, R_DURATION_SUM, R_FAILED, R_OPENED, R_RSTS_RECEIVED, R_RSTS_SENT, R_RTT_HIST,
+    R_RTT_SUM, R_SEGS_RETRANS,
+)
 
-__all__ = ["OVERFLOW", "OVERFLOW_KEY", "ConnFacts", "FlowSnapshot", "FlowTable", "Rollup", "RollupKey"]
+__all__ = ["OVERFLOW", "OVERFLOW_KEY", "FlowSnapshot", "FlowTable", "Rollup", "RollupKey"]
 
 OVERFLOW = "__overflow__"
-
-
-@dataclass(frozen=True)
-class RollupKey:
-    direction: str       # outbound | inbound | unknown
-    process: str         # process name (comm); "" when unknown
-    cgroup_id: int
-    netns: int
-    peer_address: str
-    server_port: int     # remote port for outbound, local port for inbound/unknown
-
-
 OVERFLOW_KEY = RollupKey(OVERFLOW, OVERFLOW, 0, 0, OVERFLOW, 0)
 
-
-_COUNTERS = ("bytes_sent", "bytes_received", "segs_retrans", "rsts_sent", "rsts_received")
+_SCALARS = (("opened", R_OPENED), ("closed", R_CLOSED), ("bytes_sent", R_BYTES_SENT),
+            ("bytes_received", R_BYTES_RECEIVED), ("segs_retrans", R_SEGS_RETRANS), ("rsts_sent", R_RSTS_SENT),
+            ("rsts_received", R_RSTS_RECEIVED))
+# (attribute, first bucket word, slots, sum word, sum unit in seconds)
+_HISTS = (("connect_latency", R_CONNECT_HIST, LAT_SLOTS, R_CONNECT_SUM, 1e-9),
+          ("rtt", R_RTT_HIST, LAT_SLOTS, R_RTT_SUM, 1e-6),
+          ("duration", R_DURATION_HIST, DUR_SLOTS, R_DURATION_SUM, 1e-9))
 
 
 @dataclass
@@ -69,23 +64,19 @@ class Rollup:
             self.rtt.copy(), self.duration.copy(), self.active, self.last_update,
         )
 
-
-@dataclass
-class _Conn:
-    facts: ConnFacts
-    credited: Dict[str, int] = field(default_factory=lambda: {c: 0 for c in _COUNTERS})
-    key: Optional[RollupKey] = None       # None until the local process is known
-    open_pending: bool = False            # an open to credit once the key is known
-    open_noted: bool = False              # the open was noted (pending or credited): once only
-    connect_latency_s: Optional[float] = None
-
-    def note_open(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
-        """Count this connection's open once, as soon as it is known to have been
-        established while the agent watched (not for connections that predate it)."""
-        if not self.open_noted and f.established_ns and f.direction != "unknown":
-            self.open_noted = True
-            self.open_pending = True
-            self.connect_latency_s = connect_latency_s
+    def add(self, d: Sequence[int]) -> None:
+        """Fold one delta (struct ml_rollup words) into these totals."""
+        for name, i in _SCALARS:
+            if d[i]:
+                setattr(self, name, getattr(self, name) + d[i])
+        self.active += d[R_ACTIVE]
+        for j, reason in enumerate(FAIL_REASONS):
+            if d[R_FAILED + j]:
+                self.connect_failures[reason] = self.connect_failures.get(reason, 0) + d[R_FAILED + j]
+        for name, first, slots, total, unit in _HISTS:
+            counts = d[first:first + slots]
+            if any(counts):
+                getattr(self, name).add_counts(counts, d[total] * unit)
 
 
 @dataclass(frozen=True)
@@ -95,14 +86,6 @@ class FlowSnapshot:
     rollup_overflows: int
     rollups_expired: int
     max_rollups: int
-
-
-def server_port_of(direction: str, local_port: int, peer_port: int) -> int:
-    if direction == "outbound":
-        return peer_port
-    if direction == "inbound":
-        return local_port
-    return min(local_port, peer_port)  # unknown: the well-known side is usually the smaller
 
 
 class FlowTable:
@@ -115,158 +98,36 @@ class FlowTable:
         self.max_rollups = max_rollups
         self.ttl = ttl
         self._clock = clock
-        self._conns: Dict[Tuple[int, int], _Conn] = {}
         self._rollups: Dict[RollupKey, Rollup] = {}
         self._lock = threading.Lock()
         self.rollup_overflows = 0
         self.rollups_expired = 0
-        # sk -> rollup of connections closed moments ago: a zero-linger close sends its RST
-        # after the kernel has already reported the close.
-        self._recently_closed: "OrderedDict[int, RollupKey]" = OrderedDict()
-        self.recently_closed_cap = 4096
 
-    # ---- key handling -----------------------------------------------------------------
-    @staticmethod
-    def _key_of(f: ConnFacts) -> RollupKey:
-        return RollupKey(f.direction, f.process, f.cgroup_id, f.netns, f.peer_address,
-                         server_port_of(f.direction, f.local_port, f.peer_port))
-
-    def _owned_key(self, f: ConnFacts) -> Optional[RollupKey]:
-        """The key once the local process is known; None for an accepted socket whose owner
-        has not touched it yet (its counts wait in the connection record)."""
-        if f.direction == "inbound" and not f.pid:
-            return None
-        return self._key_of(f)
-
-    def _admit(self, key: Optional[RollupKey]) -> Optional[RollupKey]:
-        """The key a connection is credited to: its own, or OVERFLOW_KEY once the cap is
-        reached (decided once per connection, counted once)."""
-        if key is None or key in self._rollups:
+    def _admit(self, key: RollupKey) -> RollupKey:
+        """The key a delta is credited to: its own, or OVERFLOW_KEY once the cap is reached
+        (counted once per refused key and sweep)."""
+        if key in self._rollups:
             return key
         if len(self._rollups) - (OVERFLOW_KEY in self._rollups) >= self.max_rollups:
             self.rollup_overflows += 1
             return OVERFLOW_KEY
         return key
 
-    def _rollup(self, key: RollupKey) -> Rollup:
-        r = self._rollups.get(key)
-        if r is None:
-            r = self._rollups[key] = Rollup()
-        r.last_update = self._clock()
-        return r
-
-    # ---- connection lifecycle ----------------------------------------------------------
-    def _conn(self, f: ConnFacts) -> _Conn:
-        ck = (f.sk, f.start_ns)
-        c = self._conns.get(ck)
-        if c is None:
-            c = self._conns[ck] = _Conn(f)
-        return c
-
-    def _merge_identity(self, c: _Conn, f: ConnFacts) -> None:
-        old = c.facts
-        if f.pid and not old.pid:
-            old.pid, old.process = f.pid, f.process
-        if f.local_port and not old.local_port:
-            old.local_address, old.local_port = f.local_address, f.local_port
-            old.peer_address, old.peer_port = f.peer_address, f.peer_port
-
-    def _credit(self, c: _Conn, f: ConnFacts) -> None:
-        """Add counter deltas since the last credit to the connection's rollup."""
-        self._merge_identity(c, f)
-        if c.key is None:
-            c.key = self._admit(self._owned_key(c.facts))
-            if c.key is None:
-                return
-        r = self._rollup(c.key)
-        if c.open_pending:
-            c.open_pending = False
-            r.opened += 1
-            if c.connect_latency_s is not None:
-                r.connect_latency.observe(c.connect_latency_s)
-        for name in _COUNTERS:
-            now_v = getattr(f, name)
-            delta = now_v - c.credited[name]
-            if delta > 0:
-                setattr(r, name, getattr(r, name) + delta)
-                c.credited[name] = now_v
-
-    def opened(self, f: ConnFacts, connect_latency_s: Optional[float]) -> None:
-        """An open event (sent only when the kernel could not track the connection, or
-        when open events are switched on)."""
+    def add(self, key: RollupKey, delta: Sequence[int]) -> None:
+        """Credit what a rollup gained (from a sweep of the kernel map or an overflow record)."""
         with self._lock:
-            c = self._conn(f)
-            c.note_open(f, connect_latency_s)
-            self._credit(c, f)
-
-    def seen(self, f: ConnFacts, connect_latency_s: Optional[float] = None) -> None:
-        """A sweep saw this connection alive with these cumulative counters; the first
-        sight of an established connection counts its open."""
-        with self._lock:
-            c = self._conn(f)
-            c.note_open(f, connect_latency_s)
-            self._credit(c, f)
-
-    def closed(self, f: ConnFacts, duration_s: float, connect_latency_s: Optional[float] = None) -> None:
-        """The close record: final counters. A connection opened and closed between two
-        sweeps is first seen here, and its open is counted here."""
-        with self._lock:
-            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
-            c.note_open(f, connect_latency_s)
-            self._merge_identity(c, f)
-            if c.key is None:
-                c.key = self._admit(self._key_of(c.facts))  # closing: name it as it is
-            self._credit(c, f)
-            self._remember_closed(f.sk, c.key)
-            r = self._rollup(c.key)
-            r.closed += 1
-            r.duration.observe(duration_s)
-            if f.srtt_us:
-                r.rtt.observe(f.srtt_us / 1e6)
-
-    def connect_failed(self, f: ConnFacts, reason: str) -> None:
-        with self._lock:
-            c = self._conns.pop((f.sk, f.start_ns), None) or _Conn(f)
-            self._merge_identity(c, f)
-            key = c.key or self._admit(self._key_of(c.facts))
-            c.key = key
-            self._credit(c, f)
-            r = self._rollup(key)
-            r.connect_failures[reason] = r.connect_failures.get(reason, 0) + 1
-
-    def _remember_closed(self, sk: int, key: RollupKey) -> None:
-        self._recently_closed[sk] = key
-        self._recently_closed.move_to_end(sk)
-        while len(self._recently_closed) > self.recently_closed_cap:
-            self._recently_closed.popitem(last=False)
-
-    def add_unowned(self, f: ConnFacts, **deltas: int) -> None:
-        """Counters that arrived without a tracked connection (overflow records, RSTs to
-        closed ports, SYN-ACK retransmits): credited to the connection just closed on the
-        same socket if there is one, else to a rollup built from the record itself."""
-        with self._lock:
-            key = self._recently_closed.get(f.sk) if f.sk else None
-            r = self._rollup(key or self._admit(self._key_of(f)))
-            for name, delta in deltas.items():
-                setattr(r, name, getattr(r, name) + delta)
-
-    def forget_missing(self, alive: set, read_ns: int) -> int:
-        """Drop connection records whose kernel entry is gone without a close event (the
-        event was lost); returns how many. `alive` holds the (sk, start_ns) pairs a map read
-        at `read_ns` (CLOCK_MONOTONIC, like bpf_ktime_get_ns) found; connections that
-        started after the read are kept."""
-        with self._lock:
-            gone = [k for k in self._conns if k not in alive and k[1] < read_ns]
-            for k in gone:
-                del self._conns[k]
-            return len(gone)
+            k = self._admit(key)
+            r = self._rollups.get(k)
+            if r is None:
+                r = self._rollups[k] = Rollup()
+            r.last_update = self._clock()
+            r.add(delta)
 
     # ---- expiry and snapshots ----------------------------------------------------------
     def expire(self) -> int:
         with self._lock:
-            live_keys = {c.key for c in self._conns.values() if c.key is not None}
             cutoff = self._clock() - self.ttl
-            dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and k not in live_keys]
+            dead = [k for k, r in self._rollups.items() if r.last_update < cutoff and r.active <= 0]
             for k in dead:
                 del self._rollups[k]
             self.rollups_expired += len(dead)
@@ -274,16 +135,15 @@ class FlowTable:
 
     def snapshot(self) -> FlowSnapshot:
         with self._lock:
-            active: Dict[RollupKey, int] = {}
-            for c in self._conns.values():
-                if c.key is not None:
-                    active[c.key] = active.get(c.key, 0) + 1
             rollups = {}
+            live = 0
             for k, r in self._rollups.items():
                 copy = r.copy()
-                copy.active = active.get(k, 0)
+                copy.active = max(0, r.active)  # a close of a connection seen before the agent
+                live += copy.active
                 rollups[k] = copy
-            return FlowSnapshot(rollups, len(self._conns), self.rollup_overflows, self.rollups_expired, self.max_rollups)
+            return FlowSnapshot(rollups, live, self.rollup_overflows, self.rollups_expired, self.max_rollups)
 
     def __len__(self) -> int:
-        return len(self._conns)
+        with self._lock:
+            return sum(max(0, r.active) for r in self._rollups.values())
