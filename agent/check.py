@@ -56,6 +56,9 @@ def requirement_checks(kf: KernelFeatures, features: Tuple[str, ...] = ("l4", "l
     results.append(Result(kf.fentry, "fentry/fexit programs allowed",
                           "not required: tracepoint variants are used instead", fatal=False))
     results.append(Result(kf.kprobes, "kprobes available", "not required: tracepoint variants are used instead", fatal=False))
+    results.append(Result(kf.bpf_iter, "BPF iterators available (L4 bytes without per-call programs)",
+                          "not required: per-call tracepoints count bytes instead, at a cost per send/receive",
+                          fatal=False))
     return results
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List
 
 from prometheus_client import generate_latest
 
-from meshlens.agent.aggregate.flows import OVERFLOW, ConnFacts, FlowTable
+from meshlens.agent.aggregate.flows import OVERFLOW, FlowTable, RollupKey
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.exporter.prometheus.collector import make_registry
 from meshlens.exporter.api.app import create_app
@@ -32,6 +32,7 @@ from .report import SectionResult, Table, fmt, fmt_summary
 from .stats import summarize
 from .targets import verdict
 from tests.integration.servers import free_port
+from tests.unit.flow_helpers import closed, opened
 
 SERIES = (1_000, 10_000, 100_000)    # Prometheus series (sample lines in the exposition)
 ROLLUPS = (1_000, 10_000)            # flow rollups (what --max-flows caps; default 10k)
@@ -40,13 +41,10 @@ ROLLUPS = (1_000, 10_000)            # flow rollups (what --max-flows caps; defa
 def fill(table: FlowTable, n: int) -> None:
     """n distinct rollups, each one closed outbound connection with bytes, RTT and durations."""
     for i in range(n):
-        f = ConnFacts(sk=0x10000 + i, start_ns=1, direction="outbound", process=f"proc{i % 50}", pid=1000 + i % 50,
-                      cgroup_id=1 + i % 200, netns=4026531840 + i % 20,
-                      local_address="10.0.0.1", local_port=30000 + i % 20000,
-                      peer_address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", peer_port=80 + i % 7,
-                      bytes_sent=100 + i, bytes_received=613, srtt_us=50 + i % 900)
-        table.opened(f, 0.0001 + (i % 100) * 1e-5)
-        table.closed(f, 0.002 + (i % 100) * 1e-4)
+        k = RollupKey("outbound", f"proc{i % 50}", 1 + i % 200, 4026531840 + i % 20,
+                      f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 80 + i % 7)
+        opened(table, k, 0.0001 + (i % 100) * 1e-5)
+        closed(table, k, sent=100 + i, received=613, rtt_us=50 + i % 900, duration_s=0.002 + (i % 100) * 1e-4)
 
 
 def snapshot_fn(table: FlowTable) -> Callable[[], AgentSnapshot]:

@@ -1,6 +1,6 @@
 """Entry point: `python -m bench.run [--quick] [--only SECTION ...]`.
 
-Runs the sections in order (overhead, agent_cost, capacity, accuracy, exporter), each on
+Runs the sections in order (overhead, l4, agent_cost, capacity, accuracy, exporter), each on
 its own so that one failing section still leaves a report of the others, and writes
 bench/report.md and bench/report.json. Needs root (netns, cgroups, BPF); the exporter
 section alone does not. Everything created is removed at the end, also on Ctrl-C/SIGTERM.
@@ -23,9 +23,9 @@ from .context import Context
 from .env import environment
 from .report import SectionResult, write_reports
 
-SECTIONS = ("overhead", "agent_cost", "capacity", "accuracy", "exporter", "api")
+SECTIONS = ("overhead", "l4", "agent_cost", "capacity", "accuracy", "exporter", "api")
 HERE = Path(__file__).resolve().parent
-NEEDS_ROOT = {"overhead", "agent_cost", "capacity", "accuracy"}  # exporter and api run without
+NEEDS_ROOT = {"overhead", "l4", "agent_cost", "capacity", "accuracy"}  # exporter and api run without
 
 log = logging.getLogger("bench")
 

@@ -97,6 +97,12 @@ TARGETS: Dict[str, Target] = {t.key: t for t in (
     Target("lost_at_20k", "Events lost at 20k req/s", 0.0, "events", "max"),
     Target("count_error_at_20k", "Largest count error (connections, bytes, requests) at 20k req/s", 0.0, "%", "max"),
     Target("scrape_10k", "/metrics at 10k series (median)", 100.0, "ms", "max"),
+    Target("l4_keepalive_ratio", "L4 only, keep-alive HTTP at saturation, % of the same-run baseline", 99.0, "%", "min"),
+    Target("l4_keepalive_runs_per_request", "L4 only, BPF program runs per keep-alive request on per-call hooks",
+           0.0, "runs", "max"),
+    Target("l4_storm_ratio", "L4 only, new connection per request at saturation, % of the same-run baseline", 95.0,
+           "%", "min"),
+    Target("l4_agent_us_per_connection", "L4 only, agent CPU per connection (net of idle)", 5.0, "µs", "max"),
 )}
 
 

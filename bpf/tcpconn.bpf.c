@@ -1,20 +1,33 @@
 // SPDX-License-Identifier: GPL-2.0
-/* tcpconn.bpf.c — L4 telemetry for every TCP connection on the node.
+/* tcpconn.bpf.c — L4 telemetry for every TCP connection on the node, aggregated in the kernel.
  *
- * Kernel side of the L4 pipeline: per-connection counters live in the `conns` hash map
- * (keyed by struct sock pointer) and are swept by the agent; connection open/close,
- * failed connects and retransmits go through the `events` ring buffer. Every failure to
- * record (full map, full ring buffer) is counted in `counters`.
+ * Kernel side of the L4 pipeline. Nothing runs per send or receive call: byte, segment and
+ * retransmit counts are the socket's own (struct tcp_sock), read at state changes, at close
+ * and, for connections that stay open, by the `sweep_conns` iterator the agent runs at each
+ * sweep (`adopt_tcp`, run once per namespace at start, brings in older connections). What they add is credited to `rollups` (keyed by the rollup, not the connection),
+ * so the agent's work per sweep is proportional to rollups. The `events` ring buffer carries
+ * only the overflow when `rollups` is full (re-aggregated by the agent), retransmit records,
+ * and per-connection records while a client follows the stream (`settings.follow`).
+ * Every failure to record (full map, full ring buffer) is counted in `counters`.
  *
- * Attach points (the agent picks per signal, see agent/attach.py):
+ * Attach points (the agent picks per signal, see agent/kernel/attach.py):
  *   state:      tp/sock/inet_sock_set_state                 (4.16+)
- *   bytes:      fexit/tcp_sendmsg + fexit/tcp_sendpage (before 6.5) + fexit/tcp_recvmsg
- *               (where fentry is allowed)
- *               tp/sock/sock_send_length + sock_recv_length   (6.3+, the fallback here)
+ *   bytes:      a pass over `conns` run by the agent at each sweep (BPF_PROG_TEST_RUN of a
+ *               raw_tp program, 5.13+), iter/tcp once per namespace at start (5.9+);
+ *               per-call fallbacks: fexit/tcp_sendmsg + fexit/tcp_sendpage (before 6.5) +
+ *               fexit/tcp_recvmsg where fentry is allowed, else
+ *               tp/sock/sock_send_length + sock_recv_length (6.3+)
+ *               tp/sock/sock_send_length + sock_recv_length   (per-call fallback, 6.3+)
  *   retransmit: tp/tcp/tcp_retransmit_skb, tp/tcp/tcp_retransmit_synack
  *   reset:      tp/tcp/tcp_send_reset, tp/tcp/tcp_receive_reset
  *   (retransmit_skb and send_reset records changed layout in 6.10: both are read)
  *   socket-less resets before 6.10: fentry/tcp_v4_send_reset, fentry/tcp_v6_send_reset
+ *
+ * Counting rules (measured, see tests/integration/test_tcp_l4.py): tcp_sock.bytes_acked
+ * counts every sequence number the peer acknowledged, the FIN included, and
+ * bytes_received every one received in order, the peer's FIN included; so the FIN is
+ * subtracted once it is acked (ours) or received (theirs). What the handshake added is in
+ * the baseline taken at establishment.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -30,14 +43,19 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPPROTO_TCP 6
 #define MSG_PEEK 2
 
-/* Keeps struct ml_event in the object's BTF (it is only used inside inlined helpers), so the
- * agent's ctypes mirror can be checked against it. */
+#define ECONNREFUSED 111
+#define ETIMEDOUT 110
+#define EHOSTUNREACH 113
+#define ENETUNREACH 101
+
+/* Keep the shared structs in the object's BTF for the mirror checks. */
 struct ml_event *unused_ml_event __attribute__((unused));
+struct ml_settings *unused_ml_settings __attribute__((unused));
 
 /* Knobs, set by the agent before load. */
 const volatile __u8 emit_retransmit_events = 1;
-/* Off by default in the agent: opens are learnt from sweeps and close records. */
-const volatile __u8 emit_open_events = 1;
+/* 1: bytes come from per-call programs (fallback where iter/tcp is missing), not the socket. */
+const volatile __u8 bytes_per_call = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -46,10 +64,43 @@ struct {
 	__type(value, struct ml_conn);
 } conns SEC(".maps");
 
+/* Shared (not per-CPU) with atomic adds: per-CPU values of this size would cost
+ * entries x CPUs x 536 bytes on a large node, and programs on one CPU can nest (softirq
+ * over the sweep iterator), which per-CPU plain adds would not survive either. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384); /* resized by the agent before load */
+	__type(key, struct ml_rollup_key);
+	__type(value, struct ml_rollup);
+} rollups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct ml_listener_key);
+	__type(value, struct ml_listener);
+} listeners SEC(".maps");
+
+/* Rollup keys of connections closed abortively moments ago: a zero-linger close moves the
+ * socket to CLOSE before its RST goes out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct ml_rollup_key);
+} aborted SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 4 << 20);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ml_settings);
+} settings SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -58,11 +109,38 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* The value new rollups start from (too large for the BPF stack); never written. */
+struct ml_rollup zero_rollup;
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
 	if (v)
-		*v += 1; /* per-CPU slot: no atomic needed */
+		__sync_fetch_and_add(v, 1); /* per-CPU slot; atomic because programs can nest */
+}
+
+static __always_inline struct ml_settings *get_settings(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&settings, &zero);
+}
+
+static __always_inline int following(void)
+{
+	struct ml_settings *s = get_settings();
+	return s && s->follow;
+}
+
+/* Wake the agent only when enough is waiting: it polls on a timer anyway. */
+static __always_inline __u64 wake_flags(void)
+{
+	struct ml_settings *s = get_settings();
+
+	if (s && s->follow)
+		return 0;
+	if (s && s->wake_bytes && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= s->wake_bytes)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline int is_full_tcp_state(int state)
@@ -72,119 +150,124 @@ static __always_inline int is_full_tcp_state(int state)
 	       state == TCP_CLOSING;
 }
 
-/* Tuple, netns and cgroup straight from the socket (works in softirq context too). */
-static __always_inline void fill_from_sock(struct ml_conn *c, struct sock *sk)
-{
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+/* ---- rollups ------------------------------------------------------------------------ */
 
-	c->tuple.family = family;
-	c->tuple.sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	c->tuple.dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (family == AF_INET) {
-		BPF_CORE_READ_INTO(&c->tuple.saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO(&c->tuple.daddr, sk, __sk_common.skc_daddr);
-	} else {
-		BPF_CORE_READ_INTO(&c->tuple.saddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(&c->tuple.daddr, sk, __sk_common.skc_v6_daddr);
-	}
-	c->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	c->cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+static __always_inline __u32 lat_bucket(__u64 v)
+{
+	const __u64 b[ML_LAT_NBOUNDS] = {ML_LAT_BOUNDS_NS};
+	__u32 i;
+
+#pragma clang loop unroll(full)
+	for (i = 0; i < ML_LAT_NBOUNDS; i++)
+		if (v <= b[i])
+			return i;
+	return ML_LAT_NBOUNDS;
 }
 
-static __always_inline void fill_task(struct ml_conn *c)
+static __always_inline __u32 dur_bucket(__u64 v)
 {
-	c->pid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(&c->comm, sizeof(c->comm));
+	const __u64 b[ML_DUR_NBOUNDS] = {ML_DUR_BOUNDS_NS};
+	__u32 i;
+
+#pragma clang loop unroll(full)
+	for (i = 0; i < ML_DUR_NBOUNDS; i++)
+		if (v <= b[i])
+			return i;
+	return ML_DUR_NBOUNDS;
 }
 
-static __always_inline void fill_tcp_close_stats(struct ml_conn *c, struct sock *sk)
+/* The record that carries a delta when its rollup has no room in the map. */
+static __always_inline void overflow(const struct ml_rollup_key *k, const struct ml_delta *d)
 {
-	struct tcp_sock *tp = (struct tcp_sock *)sk;
-
-	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	c->segs_retrans = BPF_CORE_READ(tp, total_retrans);
-}
-
-static __always_inline int emit(__u32 type, __u64 sk, const struct ml_conn *c, __s32 err, __u32 segs)
-{
-	struct ml_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-
-	if (!e) {
-		count(ML_CNT_RINGBUF_FULL);
-		return -1;
-	}
-	e->sk = sk;
-	e->ts_ns = bpf_ktime_get_ns();
-	e->conn = *c;
-	e->type = type;
-	e->err = err;
-	e->segs = segs;
-	e->rst_sent = 0;
-	__builtin_memset(e->_pad2, 0, sizeof(e->_pad2));
-	e->bytes_sent = 0;
-	e->bytes_received = 0;
-	bpf_ringbuf_submit(e, 0);
-	count(ML_CNT_EVENTS_SUBMITTED);
-	return 0;
-}
-
-/* The connection's entry, created on first sight for sockets that predate the agent.
- * Returns NULL if the socket is not a full TCP socket or the map is full (counted). */
-static __always_inline struct ml_conn *get_or_create(struct sock *sk)
-{
-	__u64 key = (__u64)sk;
-	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
-	struct ml_conn fresh = {};
-
-	if (c)
-		return c;
-	if (!is_full_tcp_state(BPF_CORE_READ(sk, __sk_common.skc_state)))
-		return NULL;
-	fill_from_sock(&fresh, sk);
-	fresh.start_ns = bpf_ktime_get_ns();
-	fresh.direction = ML_DIR_UNKNOWN;
-	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) && bpf_map_lookup_elem(&conns, &key) == NULL) {
-		count(ML_CNT_CONNS_FULL);
-		return NULL;
-	}
-	return bpf_map_lookup_elem(&conns, &key);
-}
-
-static __always_inline void account_bytes(struct sock *sk, __u64 sent, __u64 received)
-{
-	struct ml_conn *c = get_or_create(sk);
 	struct ml_event *e;
 
-	if (c) {
-		if (!c->pid)
-			fill_task(c); /* first process-context touch of an accepted socket */
-		if (sent)
-			__sync_fetch_and_add(&c->bytes_sent, sent);
-		if (received)
-			__sync_fetch_and_add(&c->bytes_received, received);
-		return;
-	}
-	if (!is_full_tcp_state(BPF_CORE_READ(sk, __sk_common.skc_state)))
-		return;
-	/* No room in the map: the bytes travel as an overflow record instead of vanishing. */
+	count(ML_CNT_ROLLUPS_FULL);
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(ML_CNT_RINGBUF_FULL);
 		return;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
-	e->sk = (__u64)sk;
+	e->type = ML_EV_OVERFLOW;
 	e->ts_ns = bpf_ktime_get_ns();
-	fill_from_sock(&e->conn, sk);
-	fill_task(&e->conn);
-	e->type = ML_EV_BYTES;
-	e->bytes_sent = sent;
-	e->bytes_received = received;
-	bpf_ringbuf_submit(e, 0);
+	e->key = *k;
+	e->delta = *d;
+	bpf_ringbuf_submit(e, wake_flags());
 	count(ML_CNT_EVENTS_SUBMITTED);
 }
 
-/* ---- state changes ---------------------------------------------------------------- */
+/* Add a delta to its rollup, creating the rollup on first use. */
+static __always_inline void apply(const struct ml_rollup_key *k, const struct ml_delta *d)
+{
+	struct ml_rollup *r = bpf_map_lookup_elem(&rollups, k);
+	__u32 i;
+
+	if (!r) {
+		bpf_map_update_elem(&rollups, k, &zero_rollup, BPF_NOEXIST); /* EEXIST: raced, fine */
+		r = bpf_map_lookup_elem(&rollups, k);
+		if (!r) {
+			overflow(k, d);
+			return;
+		}
+	}
+	if (d->flags & ML_D_OPENED)
+		__sync_fetch_and_add(&r->opened, 1);
+	if (d->flags & ML_D_CLOSED)
+		__sync_fetch_and_add(&r->closed, 1);
+	if (d->active)
+		__sync_fetch_and_add(&r->active, (__s64)d->active);
+	if (d->fail) {
+		i = d->fail - 1;
+		if (i < ML_FAIL_MAX)
+			__sync_fetch_and_add(&r->failed[i], 1);
+	}
+	if (d->bytes_sent)
+		__sync_fetch_and_add(&r->bytes_sent, d->bytes_sent);
+	if (d->bytes_received)
+		__sync_fetch_and_add(&r->bytes_received, d->bytes_received);
+	if (d->segs_retrans)
+		__sync_fetch_and_add(&r->segs_retrans, d->segs_retrans);
+	if (d->rsts_sent)
+		__sync_fetch_and_add(&r->rsts_sent, d->rsts_sent);
+	if (d->rsts_received)
+		__sync_fetch_and_add(&r->rsts_received, d->rsts_received);
+	if (d->flags & ML_D_CONNECT) {
+		__sync_fetch_and_add(&r->connect_ns_sum, d->connect_ns);
+		i = lat_bucket(d->connect_ns);
+		if (i <= ML_LAT_NBOUNDS)
+			__sync_fetch_and_add(&r->connect_hist[i], 1);
+	}
+	if (d->flags & ML_D_RTT) {
+		__sync_fetch_and_add(&r->rtt_us_sum, d->rtt_us);
+		i = lat_bucket((__u64)d->rtt_us * 1000);
+		if (i <= ML_LAT_NBOUNDS)
+			__sync_fetch_and_add(&r->rtt_hist[i], 1);
+	}
+	if (d->flags & ML_D_DURATION) {
+		__sync_fetch_and_add(&r->duration_ns_sum, d->duration_ns);
+		i = dur_bucket(d->duration_ns);
+		if (i <= ML_DUR_NBOUNDS)
+			__sync_fetch_and_add(&r->duration_hist[i], 1);
+	}
+}
+
+/* ---- keys and counters from the socket ----------------------------------------------- */
+
+static __always_inline void tuple_from_sock(struct ml_tuple *t, struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	t->family = family;
+	t->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	t->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		BPF_CORE_READ_INTO(&t->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO(&t->daddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO(&t->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&t->daddr, sk, __sk_common.skc_v6_daddr);
+	}
+}
 
 static __always_inline void tuple_from_state_ctx(struct ml_tuple *t, struct trace_event_raw_inet_sock_set_state *ctx)
 {
@@ -202,84 +285,434 @@ static __always_inline void tuple_from_state_ctx(struct ml_tuple *t, struct trac
 	}
 }
 
+static __always_inline __u32 netns_of(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* The rollup key of a connection, from its tuple; `comm` is filled by the caller. */
+static __always_inline void key_from(struct ml_rollup_key *k, struct sock *sk, const struct ml_tuple *t, __u8 dir)
+{
+	k->cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	k->netns = netns_of(sk);
+	k->family = t->family;
+	k->direction = dir;
+	__builtin_memcpy(k->peer, t->daddr, sizeof(k->peer));
+	if (dir == ML_DIR_OUTBOUND)
+		k->server_port = t->dport;
+	else if (dir == ML_DIR_INBOUND)
+		k->server_port = t->sport;
+	else /* unknown: the well-known side is usually the smaller */
+		k->server_port = t->sport < t->dport ? t->sport : t->dport;
+}
+
+static __always_inline struct ml_listener *listener_of(__u32 netns, __u16 port)
+{
+	struct ml_listener_key lk = {.netns = netns, .port = port};
+	return bpf_map_lookup_elem(&listeners, &lk);
+}
+
+/* Key of a socket the agent has no record of (conns full, or it predates the agent): inbound
+ * when a known listener owns its local port, else of unknown direction. */
+static __always_inline void key_untracked(struct ml_rollup_key *k, struct sock *sk)
+{
+	struct ml_tuple t = {};
+	struct ml_listener *l;
+
+	tuple_from_sock(&t, sk);
+	l = listener_of(netns_of(sk), t.sport);
+	if (l) {
+		key_from(k, sk, &t, ML_DIR_INBOUND);
+		__builtin_memcpy(k->comm, l->comm, sizeof(k->comm));
+	} else {
+		key_from(k, sk, &t, ML_DIR_UNKNOWN);
+	}
+}
+
+#define FIN_SENT_STATES ((1 << TCP_FIN_WAIT1) | (1 << TCP_FIN_WAIT2) | (1 << TCP_CLOSING) | \
+			 (1 << TCP_LAST_ACK) | (1 << TCP_TIME_WAIT))
+
+/* Payload bytes acked and received so far: the socket's counters without the FINs. `state`
+ * is the state the socket is leaving (at a state change) or is in (at a sweep). */
+static __always_inline void payload_counts(struct sock *sk, int state, __u64 *acked, __u64 *received)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	__u64 a = BPF_CORE_READ(tp, bytes_acked);
+	__u64 r = BPF_CORE_READ(tp, bytes_received);
+
+	/* Our FIN is queued in these states; it is acked once snd_una reaches write_seq. */
+	if (((1 << state) & FIN_SENT_STATES) && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq) && a)
+		a -= 1;
+	/* SOCK_DONE: the peer's FIN was received in order (tcp_fin). */
+	if ((BPF_CORE_READ(sk, __sk_common.skc_flags) & (1UL << SOCK_DONE)) && r)
+		r -= 1;
+	*acked = a;
+	*received = r;
+}
+
+/* Credit what the socket counted since the last credit. xchg makes each byte credited once
+ * even if a sweep and the close run at the same moment on two CPUs. */
+static __always_inline void credit(struct ml_conn *c, struct sock *sk, int state, struct ml_delta *d)
+{
+	__u64 acked, received, old;
+	__u64 retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans), oldr;
+
+	if (!bytes_per_call) {
+		payload_counts(sk, state, &acked, &received);
+		old = __sync_lock_test_and_set(&c->acked, acked);
+		if (acked > old)
+			d->bytes_sent = acked - old;
+		old = __sync_lock_test_and_set(&c->received, received);
+		if (received > old)
+			d->bytes_received = received - old;
+	}
+	oldr = __sync_lock_test_and_set(&c->retrans, retrans);
+	if (retrans > oldr)
+		d->segs_retrans = retrans - oldr;
+}
+
+static __always_inline void baseline(struct ml_conn *c, struct sock *sk, int state)
+{
+	payload_counts(sk, state, &c->acked, &c->received);
+	c->base_acked = c->acked;
+	c->base_received = c->received;
+}
+
+/* Follow mode: one record per connection event. */
+static __always_inline void follow_event(__u32 type, __u64 sk, const struct ml_conn *c, const struct ml_delta *d,
+					 __s32 err, __u64 now)
+{
+	struct ml_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		count(ML_CNT_RINGBUF_FULL);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->sk = sk;
+	e->ts_ns = now;
+	e->type = type;
+	e->err = err;
+	e->tuple = c->tuple;
+	e->key = c->key;
+	e->delta = *d;
+	e->pid = c->pid;
+	if (type == ML_EV_CLOSE) {
+		e->total_sent = c->acked - c->base_acked;
+		e->total_received = c->received - c->base_received;
+		e->duration_ns = now - c->start_ns;
+	}
+	bpf_ringbuf_submit(e, 0);
+	count(ML_CNT_EVENTS_SUBMITTED);
+}
+
+static __always_inline __u8 fail_reason(int err)
+{
+	switch (err) {
+	case ECONNREFUSED:
+		return ML_FAIL_REFUSED + 1;
+	case ETIMEDOUT:
+		return ML_FAIL_TIMEOUT + 1;
+	case EHOSTUNREACH:
+	case ENETUNREACH:
+		return ML_FAIL_UNREACHABLE + 1;
+	case 0:
+		return ML_FAIL_ABORTED + 1;
+	default:
+		return ML_FAIL_OTHER + 1;
+	}
+}
+
+/* ---- state changes ---------------------------------------------------------------- */
+
+static __always_inline void on_listen(struct sock *sk, __u16 port, int up)
+{
+	struct ml_listener_key lk = {.netns = netns_of(sk), .port = port};
+	struct ml_listener l = {};
+
+	if (!up) {
+		bpf_map_delete_elem(&listeners, &lk);
+		return;
+	}
+	l.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&l.comm, sizeof(l.comm));
+	bpf_map_update_elem(&listeners, &lk, &l, BPF_ANY);
+}
+
+static __always_inline void on_connect(struct sock *sk, __u64 key, struct trace_event_raw_inet_sock_set_state *ctx,
+				       __u64 now)
+{
+	struct ml_conn c = {};
+
+	/* Active open, in the connect() caller's context: the source port is not chosen yet
+	 * (completed at ESTABLISHED), the destination is. */
+	tuple_from_state_ctx(&c.tuple, ctx);
+	key_from(&c.key, sk, &c.tuple, ML_DIR_OUTBOUND);
+	c.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&c.key.comm, sizeof(c.key.comm));
+	c.start_ns = now;
+	if (bpf_map_update_elem(&conns, &key, &c, BPF_ANY))
+		count(ML_CNT_CONNS_FULL);
+}
+
+static __always_inline void on_established(struct sock *sk, __u64 key, int os,
+					   struct trace_event_raw_inet_sock_set_state *ctx, __u64 now)
+{
+	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
+	struct ml_delta d = {.flags = ML_D_OPENED, .active = 1};
+	struct ml_conn fresh = {};
+	struct ml_listener *l;
+
+	if (c) {
+		if (c->established_ns)
+			return; /* already counted (e.g. adopted by a sweep) */
+		/* Our connect (also a simultaneous open, SYN_SENT -> SYN_RECV -> ESTABLISHED). */
+		tuple_from_state_ctx(&c->tuple, ctx);
+		c->established_ns = now;
+		baseline(c, sk, TCP_ESTABLISHED);
+		d.flags |= ML_D_CONNECT;
+		d.connect_ns = now - c->start_ns;
+		apply(&c->key, &d);
+		if (following())
+			follow_event(ML_EV_OPEN, key, c, &d, 0, now);
+		return;
+	}
+	tuple_from_state_ctx(&fresh.tuple, ctx);
+	fresh.start_ns = now;
+	fresh.established_ns = now;
+	if (os == TCP_SYN_RECV) {
+		/* Accepted, in softirq: named after the process that listens on the port. */
+		key_from(&fresh.key, sk, &fresh.tuple, ML_DIR_INBOUND);
+		l = listener_of(fresh.key.netns, fresh.tuple.sport);
+		if (l)
+			__builtin_memcpy(fresh.key.comm, l->comm, sizeof(fresh.key.comm));
+	} else {
+		key_untracked(&fresh.key, sk); /* our connect, but conns had no room for it */
+	}
+	baseline(&fresh, sk, TCP_ESTABLISHED);
+	fresh.retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans); /* SYN-ACK retries: counted apart */
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+		count(ML_CNT_CONNS_FULL);
+	apply(&fresh.key, &d);
+	if (following())
+		follow_event(ML_EV_OPEN, key, &fresh, &d, 0, now);
+}
+
+static __always_inline void on_close(struct sock *sk, __u64 key, int os,
+				     struct trace_event_raw_inet_sock_set_state *ctx, __u64 now)
+{
+	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
+	struct ml_delta d = {};
+	struct ml_conn tmp = {};
+	__u32 srtt;
+
+	if (!c) {
+		/* Untracked: credit what the socket itself still knows. */
+		count(ML_CNT_UNTRACKED_CLOSE);
+		key_untracked(&tmp.key, sk);
+		tuple_from_state_ctx(&tmp.tuple, ctx);
+		c = &tmp;
+	}
+	if (os == TCP_SYN_SENT || (os == TCP_SYN_RECV && !c->established_ns)) {
+		d.fail = fail_reason(BPF_CORE_READ(sk, sk_err));
+		d.segs_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans); /* SYN retries */
+		apply(&c->key, &d);
+		if (following())
+			follow_event(ML_EV_CONNECT_FAIL, key, c, &d, BPF_CORE_READ(sk, sk_err), now);
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
+	credit(c, sk, os, &d);
+	d.flags = ML_D_CLOSED;
+	d.active = c == &tmp ? 0 : -1;
+	if (c->start_ns) {
+		d.flags |= ML_D_DURATION;
+		d.duration_ns = now - c->start_ns;
+	}
+	srtt = BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+	if (srtt) {
+		d.flags |= ML_D_RTT;
+		d.rtt_us = srtt;
+	}
+	apply(&c->key, &d);
+	if (following())
+		follow_event(ML_EV_CLOSE, key, c, &d, 0, now);
+	/* Straight from a synchronized state to CLOSE: an abort (zero linger, RST), whose RST may
+	 * go out after this. */
+	if (os == TCP_ESTABLISHED || os == TCP_CLOSE_WAIT)
+		bpf_map_update_elem(&aborted, &key, &c->key, BPF_ANY);
+	if (c != &tmp)
+		bpf_map_delete_elem(&conns, &key);
+}
+
 SEC("tp/sock/inet_sock_set_state")
 int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
 	struct sock *sk = (struct sock *)ctx->skaddr;
 	__u64 key = (__u64)sk;
 	int os = ctx->oldstate, ns = ctx->newstate;
-	struct ml_conn *c, tmp = {};
 	__u64 now;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
+	/* Most transitions (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) change nothing
+	 * L4 counts: leave before any other work. */
+	if (ns != TCP_LISTEN && ns != TCP_SYN_SENT && ns != TCP_ESTABLISHED && ns != TCP_CLOSE)
+		return 0;
 	count(ML_CNT_STATE_CHANGES);
 	now = bpf_ktime_get_ns();
-
-	if (ns == TCP_SYN_SENT) {
-		/* Active open, in the connect() caller's context: the source port is not chosen
-		 * yet, the tuple is completed at ESTABLISHED or CLOSE. */
-		fill_from_sock(&tmp, sk);
-		tuple_from_state_ctx(&tmp.tuple, ctx);
-		fill_task(&tmp);
-		tmp.start_ns = now;
-		tmp.direction = ML_DIR_OUTBOUND;
-		if (bpf_map_update_elem(&conns, &key, &tmp, BPF_ANY))
-			count(ML_CNT_CONNS_FULL);
-		return 0;
-	}
-
-	if (ns == TCP_ESTABLISHED) {
-		c = bpf_map_lookup_elem(&conns, &key);
-		if (os == TCP_SYN_SENT && c) {
-			tuple_from_state_ctx(&c->tuple, ctx);
-			c->established_ns = now;
-			if (emit_open_events)
-				emit(ML_EV_OPEN, key, c, 0, 0);
-			return 0;
-		}
-		if (c) /* e.g. first seen by a byte counter during a simultaneous open */
-			return 0;
-		fill_from_sock(&tmp, sk);
-		tuple_from_state_ctx(&tmp.tuple, ctx);
-		tmp.start_ns = now;
-		tmp.established_ns = now;
-		tmp.direction = os == TCP_SYN_RECV ? ML_DIR_INBOUND : ML_DIR_OUTBOUND;
-		/* pid/comm stay empty for accepted sockets: this runs in softirq. The first
-		 * send/recv from the owning process fills them. */
-		if (bpf_map_update_elem(&conns, &key, &tmp, BPF_NOEXIST)) {
-			count(ML_CNT_CONNS_FULL);
-			emit(ML_EV_OPEN, key, &tmp, 0, 0); /* untracked: the open must travel as an event */
-		} else if (emit_open_events) {
-			emit(ML_EV_OPEN, key, &tmp, 0, 0);
-		}
-		return 0;
-	}
-
-	if (ns == TCP_CLOSE) {
-		if (os == TCP_LISTEN || os == TCP_CLOSE)
-			return 0;
-		c = bpf_map_lookup_elem(&conns, &key);
-		if (!c) {
-			/* Untracked (map was full): report what the socket itself still knows. */
-			fill_from_sock(&tmp, sk);
-			tuple_from_state_ctx(&tmp.tuple, ctx);
-			c = &tmp;
-		}
-		if (os == TCP_SYN_SENT) {
-			tuple_from_state_ctx(&c->tuple, ctx);
-			c->segs_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans); /* SYN retries */
-			emit(ML_EV_CONNECT_FAIL, key, c, BPF_CORE_READ(sk, sk_err), 0);
-		} else {
-			fill_tcp_close_stats(c, sk);
-			emit(ML_EV_CLOSE, key, c, 0, 0);
-		}
-		bpf_map_delete_elem(&conns, &key);
+	if (ns == TCP_LISTEN) {
+		on_listen(sk, ctx->sport, 1);
+	} else if (ns == TCP_SYN_SENT) {
+		on_connect(sk, key, ctx, now);
+	} else if (ns == TCP_ESTABLISHED) {
+		on_established(sk, key, os, ctx, now);
+	} else if (ns == TCP_CLOSE) {
+		if (os == TCP_LISTEN)
+			on_listen(sk, ctx->sport, 0);
+		else if (os != TCP_CLOSE)
+			on_close(sk, key, os, ctx, now);
 	}
 	return 0;
 }
 
-/* ---- bytes: tracepoint variant ---------------------------------------------------- */
+/* ---- bytes: the sweep iterators ---------------------------------------------------- */
+
+/* Credits one tracked connection's counters (a bpf_for_each_map_elem callback over `conns`).
+ * The socket is read through the pointer that keys the entry: the entry is deleted at CLOSE,
+ * before the socket can be freed, and it is looked up again after the read, so counters of
+ * a socket that closed meanwhile (its close credited them) are dropped. */
+static long sweep_one(struct bpf_map *map, __u64 *kp, struct ml_conn *c, void *unused)
+{
+	struct ml_conn *again;
+	struct ml_delta d = {};
+	struct sock *sk;
+	__u64 key = *kp, start, acked, received, retrans, old;
+	int state;
+
+	if (!c->established_ns)
+		return 0;
+	count(ML_CNT_ITER_SOCKETS);
+	start = c->start_ns;
+	sk = (struct sock *)key;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (!is_full_tcp_state(state) || state == TCP_SYN_SENT)
+		return 0;
+	payload_counts(sk, state, &acked, &received);
+	retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	again = bpf_map_lookup_elem(&conns, &key);
+	if (!again || again->start_ns != start)
+		return 0; /* closed (and maybe reused) while we read: the close credited it */
+	if (!bytes_per_call) {
+		old = __sync_lock_test_and_set(&again->acked, acked);
+		if (acked > old)
+			d.bytes_sent = acked - old;
+		old = __sync_lock_test_and_set(&again->received, received);
+		if (received > old)
+			d.bytes_received = received - old;
+	}
+	old = __sync_lock_test_and_set(&again->retrans, retrans);
+	if (retrans > old)
+		d.segs_retrans = retrans - old;
+	if (d.bytes_sent || d.bytes_received || d.segs_retrans)
+		apply(&again->key, &d);
+	return 0;
+}
+
+/* Run by the agent at each sweep (BPF_PROG_TEST_RUN, attached to nothing): credits every
+ * tracked live connection's counters, whatever its namespace. Cost: one pass over `conns`.
+ * (An iter/bpf_map_elem program would do the same; this kernel refuses those, and an
+ * iter/tcp walks the whole established hash once per namespace.) */
+SEC("raw_tp")
+int sweep_conns(void *ctx)
+{
+	return bpf_for_each_map_elem(&conns, sweep_one, NULL, 0);
+}
+
+/* Run by the agent once per network namespace when it starts (an iter/tcp shows only its
+ * reader's namespace): adopts connections that predate the agent, counted from then on,
+ * and reports listening sockets of unknown owner so the agent can name them. */
+SEC("iter/tcp")
+int adopt_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+	struct sock *sk;
+	struct ml_conn fresh = {};
+	struct ml_delta d = {};
+	struct ml_event *e;
+	__u64 key;
+	int state;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* time-wait and request sockets: nothing left to count */
+	sk = (struct sock *)tp;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (state == TCP_LISTEN) {
+		struct ml_listener_key lk = {.netns = netns_of(sk), .port = BPF_CORE_READ(sk, __sk_common.skc_num)};
+		struct ml_listener unknown = {};
+
+		if (bpf_map_lookup_elem(&listeners, &lk) || bpf_map_update_elem(&listeners, &lk, &unknown, BPF_NOEXIST))
+			return 0;
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+		if (!e) {
+			count(ML_CNT_RINGBUF_FULL);
+			return 0;
+		}
+		__builtin_memset(e, 0, sizeof(*e));
+		e->type = ML_EV_LISTENER;
+		e->sk = (__u64)sk;
+		e->ts_ns = bpf_ktime_get_ns();
+		tuple_from_sock(&e->tuple, sk);
+		e->key.netns = lk.netns;
+		e->inode = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+		bpf_ringbuf_submit(e, wake_flags());
+		count(ML_CNT_EVENTS_SUBMITTED);
+		return 0;
+	}
+	if (state == TCP_SYN_SENT || !is_full_tcp_state(state))
+		return 0;
+	key = (__u64)sk;
+	if (bpf_map_lookup_elem(&conns, &key))
+		return 0; /* seen by the state tracepoint already */
+	tuple_from_sock(&fresh.tuple, sk);
+	key_untracked(&fresh.key, sk);
+	fresh.start_ns = fresh.established_ns = bpf_ktime_get_ns();
+	baseline(&fresh, sk, state);
+	fresh.retrans = BPF_CORE_READ(tp, total_retrans);
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST)) {
+		count(ML_CNT_CONNS_FULL);
+		return 0;
+	}
+	count(ML_CNT_ADOPTED);
+	d.active = 1;
+	apply(&fresh.key, &d);
+	return 0;
+}
+
+/* ---- bytes: per-call fallback (kernels without iter/tcp) ----------------------------- */
+
+static __always_inline void account_bytes(struct sock *sk, __u64 sent, __u64 received)
+{
+	__u64 key = (__u64)sk;
+	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
+	struct ml_delta d = {.bytes_sent = sent, .bytes_received = received};
+	struct ml_rollup_key k = {};
+
+	if (c) {
+		__sync_fetch_and_add(&c->acked, sent);
+		__sync_fetch_and_add(&c->received, received);
+		apply(&c->key, &d);
+		return;
+	}
+	if (!is_full_tcp_state(BPF_CORE_READ(sk, __sk_common.skc_state)))
+		return;
+	key_untracked(&k, sk);
+	apply(&k, &d);
+}
 
 SEC("tp/sock/sock_send_length")
 int handle_send_length(struct trace_event_raw_sock_msg_length *ctx)
@@ -302,8 +735,6 @@ int handle_recv_length(struct trace_event_raw_sock_msg_length *ctx)
 		account_bytes((struct sock *)ctx->sk, 0, ctx->ret);
 	return 0;
 }
-
-/* ---- bytes: fentry variant (kernels without sock_*_length, where fentry is allowed) --- */
 
 SEC("fexit/tcp_sendmsg")
 int BPF_PROG(fexit_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
@@ -381,50 +812,87 @@ static __always_inline void sk_skb_from_ctx(void *ctx, int own_type, struct sock
 	}
 }
 
+/* The pre-6.10 record: in_addr/in6_addr and host-order ports, always with a socket. */
+static __always_inline void tuple_from_sk_skb_pre610(struct ml_tuple *t, struct trace_event_raw_tcp_event_sk_skb___pre610 *old)
+{
+	t->family = BPF_CORE_READ(old, family);
+	t->sport = BPF_CORE_READ(old, sport);
+	t->dport = BPF_CORE_READ(old, dport);
+	if (t->family == AF_INET) {
+		bpf_probe_read_kernel(t->saddr, 4, old->saddr);
+		bpf_probe_read_kernel(t->daddr, 4, old->daddr);
+	} else {
+		bpf_probe_read_kernel(t->saddr, 16, old->saddr_v6);
+		bpf_probe_read_kernel(t->daddr, 16, old->daddr_v6);
+	}
+}
+
+
 SEC("tp/tcp/tcp_retransmit_skb")
 int handle_retransmit(void *ctx)
 {
 	struct sock *sk;
 	struct sk_buff *skb;
+	__u64 key;
 	struct ml_conn *c;
-	__u32 segs;
+	struct ml_event *e;
 	__u16 gso_segs = 0;
 
 	sk_skb_from_ctx(ctx, SK_SKB_CTX_HAS_OWN_TYPE(trace_event_raw_tcp_retransmit_skb), &sk, &skb);
+	key = (__u64)sk;
 	count(ML_CNT_RETRANSMIT_SKBS);
-	c = get_or_create(sk);
-	if (!c)
-		return 0;
-	/* total_retrans counts segments, like RetransSegs; one skb may carry many (TSO). */
-	c->segs_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	/* Counts come from total_retrans (segments, like RetransSegs); this record is for the
+	 * stream and the agent's health only. */
 	if (!emit_retransmit_events)
 		return 0;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(ML_CNT_RINGBUF_FULL);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = ML_EV_RETRANSMIT;
+	e->sk = key;
+	e->ts_ns = bpf_ktime_get_ns();
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (c) {
+		e->tuple = c->tuple;
+		e->key = c->key;
+	} else {
+		tuple_from_sock(&e->tuple, sk);
+	}
 	/* TCP_SKB_CB(skb)->tcp_gso_segs lives at offset 8 of skb->cb. */
 	bpf_probe_read_kernel(&gso_segs, sizeof(gso_segs), (void *)skb + bpf_core_field_offset(skb->cb) + 8);
-	segs = gso_segs ? gso_segs : 1;
-	emit(ML_EV_RETRANSMIT, (__u64)sk, c, 0, segs);
+	e->segs = gso_segs ? gso_segs : 1;
+	bpf_ringbuf_submit(e, wake_flags());
+	count(ML_CNT_EVENTS_SUBMITTED);
 	return 0;
 }
 
 SEC("tp/tcp/tcp_retransmit_synack")
 int handle_retransmit_synack(struct trace_event_raw_tcp_retransmit_synack *ctx)
 {
-	struct ml_conn tmp = {};
+	struct sock *sk = (struct sock *)ctx->skaddr; /* the listener */
+	struct ml_tuple t = {};
+	struct ml_rollup_key k = {};
+	struct ml_delta d = {.segs_retrans = 1};
+	struct ml_listener *l;
 
-	tmp.tuple.family = ctx->family;
-	tmp.tuple.sport = ctx->sport;
-	tmp.tuple.dport = ctx->dport;
+	t.family = ctx->family;
+	t.sport = ctx->sport;
+	t.dport = ctx->dport;
 	if (ctx->family == AF_INET) {
-		bpf_probe_read_kernel(tmp.tuple.saddr, 4, ctx->saddr);
-		bpf_probe_read_kernel(tmp.tuple.daddr, 4, ctx->daddr);
+		bpf_probe_read_kernel(t.saddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(t.daddr, 4, ctx->daddr);
 	} else {
-		bpf_probe_read_kernel(tmp.tuple.saddr, 16, ctx->saddr_v6);
-		bpf_probe_read_kernel(tmp.tuple.daddr, 16, ctx->daddr_v6);
+		bpf_probe_read_kernel(t.saddr, 16, ctx->saddr_v6);
+		bpf_probe_read_kernel(t.daddr, 16, ctx->daddr_v6);
 	}
-	tmp.direction = ML_DIR_INBOUND;
-	tmp.netns = BPF_CORE_READ((struct sock *)ctx->skaddr, __sk_common.skc_net.net, ns.inum);
-	tmp.cgroup_id = BPF_CORE_READ((struct sock *)ctx->skaddr, sk_cgrp_data.cgroup, kn, id);
-	emit(ML_EV_SYNACK_RETRANSMIT, (__u64)ctx->skaddr, &tmp, 0, 1);
+	key_from(&k, sk, &t, ML_DIR_INBOUND);
+	l = listener_of(k.netns, t.sport);
+	if (l)
+		__builtin_memcpy(k.comm, l->comm, sizeof(k.comm));
+	apply(&k, &d);
 	return 0;
 }
 
@@ -447,39 +915,6 @@ static __always_inline void tuple_from_sockaddrs(struct ml_tuple *t, const __u8 
 	}
 }
 
-static __always_inline void emit_reset(__u64 sk, struct ml_conn *tmp, __u8 sent)
-{
-	struct ml_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-
-	if (!e) {
-		count(ML_CNT_RINGBUF_FULL);
-		return;
-	}
-	__builtin_memset(e, 0, sizeof(*e));
-	e->sk = sk;
-	e->ts_ns = bpf_ktime_get_ns();
-	e->conn = *tmp;
-	e->type = ML_EV_RESET;
-	e->rst_sent = sent;
-	bpf_ringbuf_submit(e, 0);
-	count(ML_CNT_EVENTS_SUBMITTED);
-}
-
-/* The pre-6.10 record: in_addr/in6_addr and host-order ports, always with a socket. */
-static __always_inline void tuple_from_sk_skb_pre610(struct ml_tuple *t, struct trace_event_raw_tcp_event_sk_skb___pre610 *old)
-{
-	t->family = BPF_CORE_READ(old, family);
-	t->sport = BPF_CORE_READ(old, sport);
-	t->dport = BPF_CORE_READ(old, dport);
-	if (t->family == AF_INET) {
-		bpf_probe_read_kernel(t->saddr, 4, old->saddr);
-		bpf_probe_read_kernel(t->daddr, 4, old->daddr);
-	} else {
-		bpf_probe_read_kernel(t->saddr, 16, old->saddr_v6);
-		bpf_probe_read_kernel(t->daddr, 16, old->daddr_v6);
-	}
-}
-
 SEC("tp/tcp/tcp_send_reset")
 int handle_send_reset(void *raw)
 {
@@ -487,42 +922,58 @@ int handle_send_reset(void *raw)
 	int own_type = SK_SKB_CTX_HAS_OWN_TYPE(trace_event_raw_tcp_send_reset);
 	struct sock *sk;
 	struct sk_buff *skb;
-	struct ml_conn *c = NULL, tmp = {};
+	__u64 key;
+	struct ml_conn *c = NULL;
+	struct ml_rollup_key *ak, k = {};
+	struct ml_delta d = {.rsts_sent = 1};
+	struct ml_tuple t = {};
 	__u8 sa[28], da[28];
+	int state;
 
 	sk_skb_from_ctx(raw, own_type, &sk, &skb);
+	key = (__u64)sk;
 	count(ML_CNT_RST_SENT);
-	if (sk)
-		c = get_or_create(sk);
-	if (c) {
-		__sync_fetch_and_add(&c->rsts_sent, 1);
-		return 0;
+	if (sk) {
+		c = bpf_map_lookup_elem(&conns, &key);
+		if (c) {
+			apply(&c->key, &d);
+			return 0;
+		}
+		ak = bpf_map_lookup_elem(&aborted, &key);
+		if (ak) {
+			k = *ak;
+			apply(&k, &d);
+			return 0;
+		}
+		state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		if (is_full_tcp_state(state) && state != TCP_SYN_SENT) {
+			key_untracked(&k, sk);
+			apply(&k, &d);
+			return 0;
+		}
 	}
-	/* No full socket (a SYN to a closed port, a time-wait or request socket): report the
-	 * RST with the addresses the tracepoint recorded. */
+	/* No full socket (a SYN to a closed port, a time-wait or request socket): the RST's
+	 * own addresses name it, seen from the side that sends it. */
 	count(ML_CNT_RST_SENT_NOSOCK);
 	if (!own_type) {
-		tuple_from_sk_skb_pre610(&tmp.tuple, raw);
+		tuple_from_sk_skb_pre610(&t, raw);
 	} else if (bpf_core_field_size(ctx->saddr) == sizeof(sa)) {
 		bpf_probe_read_kernel(sa, sizeof(sa), ctx->saddr);
 		bpf_probe_read_kernel(da, sizeof(da), ctx->daddr);
-		tuple_from_sockaddrs(&tmp.tuple, sa, da);
+		tuple_from_sockaddrs(&t, sa, da);
 	}
+	k.family = t.family;
+	k.direction = ML_DIR_INBOUND;
+	k.server_port = t.sport;
+	__builtin_memcpy(k.peer, t.daddr, sizeof(k.peer));
 	if (sk) {
-		tmp.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-		/* A zero-linger close moves the socket to CLOSE before the RST goes out: the
-		 * agent matches `sk` with the connection it just closed. */
-		if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE) {
-			tmp.cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-			fill_task(&tmp);
-		}
+		k.netns = netns_of(sk);
 	} else {
 		/* The RST answers this skb: its device's namespace is the socket-less side's. */
 		if (skb)
-			tmp.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+			k.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
 	}
-	tmp.direction = ML_DIR_INBOUND;
-	emit_reset((__u64)sk, &tmp, 1);
+	apply(&k, &d);
 	return 0;
 }
 
@@ -530,11 +981,12 @@ int handle_send_reset(void *raw)
 
 /* Before 6.10 tcp_v4/v6_send_reset fire tcp_send_reset only for a full socket: the RST
  * that refuses a SYN to a closed port, or answers for a time-wait or request socket, has
- * no record. These hooks report exactly those; the agent attaches them only where the
+ * no record. These hooks count exactly those; the agent attaches them only where the
  * tracepoint has the pre-6.10 layout. The RST goes back to the skb's source. */
 static __always_inline int reset_without_full_sock(struct sock *sk, struct sk_buff *skb, int v6)
 {
-	struct ml_conn tmp = {};
+	struct ml_rollup_key k = {};
+	struct ml_delta d = {.rsts_sent = 1};
 	unsigned char *head;
 	__u16 nh, th;
 	struct tcphdr tcp;
@@ -551,29 +1003,26 @@ static __always_inline int reset_without_full_sock(struct sock *sk, struct sk_bu
 	th = BPF_CORE_READ(skb, transport_header);
 	if (bpf_probe_read_kernel(&tcp, sizeof(tcp), head + th))
 		return 0;
-	tmp.tuple.sport = bpf_ntohs(tcp.dest);
-	tmp.tuple.dport = bpf_ntohs(tcp.source);
+	k.server_port = bpf_ntohs(tcp.dest); /* the local port the RST is sent from */
 	if (v6) {
 		struct ipv6hdr ip6;
 		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh))
 			return 0;
-		tmp.tuple.family = AF_INET6;
-		__builtin_memcpy(tmp.tuple.saddr, &ip6.daddr, 16);
-		__builtin_memcpy(tmp.tuple.daddr, &ip6.saddr, 16);
+		k.family = AF_INET6;
+		__builtin_memcpy(k.peer, &ip6.saddr, 16);
 	} else {
 		struct iphdr ip;
 		if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
 			return 0;
-		tmp.tuple.family = AF_INET;
-		__builtin_memcpy(tmp.tuple.saddr, &ip.daddr, 4);
-		__builtin_memcpy(tmp.tuple.daddr, &ip.saddr, 4);
+		k.family = AF_INET;
+		__builtin_memcpy(k.peer, &ip.saddr, 4);
 	}
 	if (sk)
-		tmp.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+		k.netns = netns_of(sk);
 	else
-		tmp.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
-	tmp.direction = ML_DIR_INBOUND;
-	emit_reset((__u64)sk, &tmp, 1);
+		k.netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+	k.direction = ML_DIR_INBOUND;
+	apply(&k, &d);
 	return 0;
 }
 
@@ -593,15 +1042,17 @@ SEC("tp/tcp/tcp_receive_reset")
 int handle_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
 {
 	struct sock *sk = (struct sock *)ctx->skaddr;
-	struct ml_conn *c, tmp = {};
+	__u64 key = (__u64)sk;
+	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
+	struct ml_delta d = {.rsts_received = 1};
+	struct ml_rollup_key k = {};
 
 	count(ML_CNT_RST_RECEIVED);
-	c = get_or_create(sk);
 	if (c) {
-		__sync_fetch_and_add(&c->rsts_received, 1);
+		apply(&c->key, &d);
 		return 0;
 	}
-	fill_from_sock(&tmp, sk);
-	emit_reset((__u64)sk, &tmp, 0);
+	key_untracked(&k, sk);
+	apply(&k, &d);
 	return 0;
 }

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-flows", type=int, default=10_000, help="cap on flow rollups (series per metric)")
     run.add_argument("--flow-ttl", type=float, default=600.0, help="seconds before an idle rollup stops being exported")
     run.add_argument("--conns-map-size", type=int, default=65536, help="kernel connection map entries")
+    run.add_argument("--rollups-map-size", type=int, default=16384,
+                     help="kernel rollup map entries; beyond them deltas travel the ring buffer (counted)")
     run.add_argument("--features", default="l4,l7,tc,sat",
                      help="capture layers, comma-separated: l4 (TCP, always on), l7 (HTTP/DNS, see --l7-source), "
                           "tc (per-pod interface counters), sat (saturation: drops, queues, errors, ports, "

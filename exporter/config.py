@@ -66,6 +66,8 @@ class Settings(BaseSettings):
                                                                   "namespace's sockets")
     # bounds: kernel maps, flow table, cardinality
     conns_map_size: PositiveInt = Field(65536, description="kernel TCP connection map entries")
+    rollups_map_size: PositiveInt = Field(16384, description="kernel TCP rollup map entries; beyond them deltas "
+                                                           "travel the ring buffer (counted, totals stay exact)")
     http_conns_map_size: PositiveInt = Field(16384, description="kernel HTTP connection map entries")
     http_stats_map_size: PositiveInt = Field(8192, description="kernel HTTP series map entries")
     max_flows: PositiveInt = Field(10_000, description="cap on flow rollups (series per metric)")
@@ -157,7 +159,8 @@ class Settings(BaseSettings):
             history_len=self.history_length,
             l7_source=self.l7_source,
             features=tuple(sorted(self.features.split(","))),
-            tcp=TcpConfig(conns_max_entries=self.conns_map_size, max_rollups=self.max_rollups(), rollup_ttl_s=self.flow_ttl,
+            tcp=TcpConfig(conns_max_entries=self.conns_map_size, rollups_max_entries=self.rollups_map_size,
+                          max_rollups=self.max_rollups(), rollup_ttl_s=self.flow_ttl,
                           max_peers_per_workload=self.external_peers_per_workload,
                           peer_rerank_s=self.peer_rerank_interval),
             sat=SatConfig(walk_interval_s=self.socket_walk_interval),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from meshlens.agent.kernel.bpf import BpfError, BpfObject
+from meshlens.agent.kernel.bpf_iter import attach_iter
 from meshlens.agent.kernel.features import KernelFeatures
 
 log = logging.getLogger("meshlens.attach")
@@ -33,9 +34,11 @@ class AttachChoice:
 @dataclass(frozen=True)
 class Variant:
     name: str                    # "fentry", "kprobe", "tracepoint", or a more specific name
-    kind: str                    # one of: tracepoint, fentry, kprobe
+    kind: str                    # one of: tracepoint, fentry, kprobe, iter
     programs: Tuple[str, ...]    # program names in the BPF object
-    targets: Tuple[str, ...]     # "category/event" for tracepoints, function names otherwise
+    targets: Tuple[str, ...]     # "category/event" for tracepoints; for iter, one per program:
+                                 # the iterator ("tcp") or "run" (loaded, run on demand by the
+                                 # source, not attached); function names otherwise
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ def variant_available(v: Variant, kf: KernelFeatures) -> Tuple[bool, str]:
         if not kf.tracefs:
             return False, "tracefs not mounted"
         return (not missing, f"no tracepoint {', '.join(missing)}" if missing else "")
+    if v.kind == "iter":
+        return (kf.bpf_iter, "" if kf.bpf_iter else "BPF iterators unavailable (they need kernel BTF)")
     if v.kind == "fentry":
         if not kf.fentry:
             return False, "fentry programs refused by this kernel"
@@ -134,8 +139,13 @@ def load_with_fallback(
                 if v is None:
                     continue
                 try:
-                    for prog in v.programs:
-                        obj.attach(prog)
+                    for i, prog in enumerate(v.programs):
+                        if v.kind == "iter" and v.targets[i] == "run":
+                            continue  # run on demand by the source (BPF_PROG_TEST_RUN), no link
+                        if v.kind == "iter":
+                            attach_iter(obj, prog)
+                        else:
+                            obj.attach(prog)
                 except BpfError as exc:
                     last_error = exc
                     failed = st

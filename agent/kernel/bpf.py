@@ -108,6 +108,15 @@ class Program:
             raise BpfError(f"attach {self.name} to {category}/{name}", libbpf.get_errno(), lines)
         return Link(ptr, self.name)
 
+    def run(self) -> int:
+        """BPF_PROG_TEST_RUN without input (raw_tp, syscall programs): run the program once,
+        now, in this thread; returns its return value."""
+        opts = libbpf.BpfTestRunOpts(sz=ctypes.sizeof(libbpf.BpfTestRunOpts))
+        err = lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
+        if err:
+            raise BpfError(f"run {self.name}", libbpf.get_errno() or err)
+        return opts.retval
+
     def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> Tuple[int, bytes, int]:
         """BPF_PROG_TEST_RUN: (return value, output packet, duration ns)."""
         buf_in = ctypes.create_string_buffer(data, len(data))
@@ -192,6 +201,17 @@ class Map:
                 return False
             raise BpfError(f"delete {self.name}", e)
         return True
+
+    def lookup_and_delete_raw(self, key: bytes) -> Optional[bytes]:
+        """Atomically read and remove one element (hash maps, 5.14+); None if absent."""
+        val = ctypes.create_string_buffer(self._value_buffer_size())
+        err = lib.bpf_map_lookup_and_delete_elem(self.fd, key, val)
+        if err:
+            e = libbpf.get_errno()
+            if e == errno_mod.ENOENT:
+                return None
+            raise BpfError(f"lookup_and_delete {self.name}", e)
+        return val.raw
 
     def keys_raw(self) -> Iterator[bytes]:
         key = ctypes.create_string_buffer(self.key_size)

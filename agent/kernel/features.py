@@ -106,6 +106,11 @@ class KernelFeatures:
         finally:
             libbpf.lib.btf__free(btf)
 
+    @functools.cached_property
+    def bpf_iter(self) -> bool:
+        """BPF iterators can be used (they need BTF; whether iter/tcp loads is found at load)."""
+        return self.btf
+
     def kernel_function(self, name: str) -> bool:
         """The function exists as a traceable symbol."""
         try:

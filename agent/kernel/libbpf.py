@@ -116,6 +116,7 @@ _SIGNATURES = {
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+    "bpf_map_lookup_and_delete_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_lookup_batch": (
         c_int,
@@ -131,6 +132,8 @@ _SIGNATURES = {
 for _name, (_res, _args) in _SIGNATURES.items():
     _declare(_name, _res, _args)
 
+libc.setns.restype = c_int
+libc.setns.argtypes = [c_int, c_int]
 libc.vsnprintf.restype = c_int
 libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 

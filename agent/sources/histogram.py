@@ -31,6 +31,15 @@ class Histogram:
         self.total += value * n
         self.count += n
 
+    def add_counts(self, counts: Sequence[int], total: float) -> None:
+        """Add per-bucket counts aggregated elsewhere (the kernel) with the same bounds."""
+        if len(counts) != len(self.counts):
+            raise ValueError(f"{len(counts)} bucket counts for {len(self.counts)} buckets")
+        for i, c in enumerate(counts):
+            self.counts[i] += c
+        self.count += sum(counts)
+        self.total += total
+
     def cumulative(self) -> List[Tuple[str, int]]:
         """[(le, cumulative count)] ending with +Inf, as prometheus_client expects."""
         out, acc = [], 0

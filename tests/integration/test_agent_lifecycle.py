@@ -15,8 +15,9 @@ from meshlens.agent.sources.tcp.source import TcpSource
 from tests.integration.agent_proc import MESHLENS, AgentProcess, held_prog_ids, loaded_programs
 from tests.integration.test_tcp_l4 import finish, of, run_json, start_listener
 
-TCP_PROGRAMS = {"handle_set_state", "handle_send_length", "handle_recv_length", "handle_retransmit",
-                "handle_retransmit_synack", "handle_send_reset", "handle_receive_reset"}
+TCP_PROGRAMS = {"handle_set_state", "sweep_conns", "adopt_tcp", "handle_retransmit", "handle_retransmit_synack",
+                "handle_send_reset", "handle_receive_reset"}
+PER_CALL_PROGRAMS = {"handle_send_length", "handle_recv_length"}
 
 
 def held(agent: AgentProcess) -> dict:
@@ -30,6 +31,7 @@ def test_stop_signal_detaches_every_program(sig: int) -> None:
     try:
         programs = held(agent)
         assert TCP_PROGRAMS <= set(programs.values())
+        assert not PER_CALL_PROGRAMS & set(programs.values()), "per-call byte programs attached by default"
     finally:
         code = agent.stop(sig)
     assert code == 0
@@ -108,16 +110,17 @@ def test_bad_arguments_give_a_clear_error() -> None:
 
 
 def test_fallback_when_the_kernel_refuses_the_preferred_variant(monkeypatch) -> None:
-    """Pretend fentry works: the kernel refuses the load and the source falls back to the
-    tracepoints, saying why."""
+    """Pretend the kernel refuses the fentry probe and has no BPF iterators: bytes fall back
+    to the per-call tracepoints, saying why."""
     kf = KernelFeatures.probe()
-    monkeypatch.setitem(kf.__dict__, "fentry", True)
+    monkeypatch.setitem(kf.__dict__, "bpf_iter", False)
     src = TcpSource(FlowTable(100, 60.0), features=kf)
     src.start()
     try:
         bytes_choice = next(c for c in src.attach_report() if c.signal == "tcp_bytes")
-        assert bytes_choice.chosen == "tracepoint"
-        assert any(t.startswith("fentry: load refused") for t in bytes_choice.tried), bytes_choice.tried
+        assert bytes_choice.chosen == "per-call"
+        assert bytes_choice.programs == ["handle_send_length", "handle_recv_length"]
+        assert any(t.startswith("iter: BPF iterators unavailable") for t in bytes_choice.tried), bytes_choice.tried
     finally:
         src.stop()
 
@@ -127,6 +130,7 @@ def test_check_reports_each_requirement_and_attach_point() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "√ kernel BTF available" in res.stdout
     assert "√ tcp/tcp_state: tracepoint [handle_set_state]" in res.stdout
+    assert "√ tcp/tcp_bytes: iter [sweep_conns, adopt_tcp]" in res.stdout
     assert "Status check results are √" in res.stdout
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from meshlens.agent.aggregate.flows import ConnFacts, FlowTable
+from meshlens.agent.aggregate.flows import FlowTable
 from meshlens.agent.aggregate.history import SnapshotHistory
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.identity.model import Workload, external
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
 from meshlens.agent.sources.l7.dns import DnsSeriesKey, DnsSnapshot, DnsStats
 from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpStats, TapRecord
+from tests.unit.flow_helpers import closed, key, opened
 
 T0 = 1_800_000_000.0          # wall clock of the agent's start (2027-01-15T08:00:00Z)
 NOW = T0 + 100.0              # "now" for every request
@@ -38,13 +39,11 @@ class FixedIdentity:
 
 def _conn(t: FlowTable, sk: int, cg: int, direction: str, peer: str, port: int, sent: int, recv: int,
           retrans: int = 0) -> None:
-    f = ConnFacts(sk=sk, start_ns=sk, direction=direction, process="p", pid=9, cgroup_id=cg, netns=cg,
-                  local_address=PODS[cg][0], local_port=port if direction == "inbound" else 40000 + sk,
-                  peer_address=peer, peer_port=40000 + sk if direction == "inbound" else port,
-                  established_ns=sk + 1)
-    t.opened(f, 0.0003)
-    t.closed(ConnFacts(**{**f.__dict__, "bytes_sent": sent, "bytes_received": recv, "segs_retrans": retrans,
-                          "srtt_us": 120}), 0.5)
+    """One connection as the kernel reports it: its open, then its close (server port: the
+    remote one outbound, the local one inbound)."""
+    k = key(direction, "p", cg, cg, peer, port)
+    opened(t, k, 0.0003)
+    closed(t, k, sent=sent, received=recv, rtt_us=120, duration_s=0.5, retrans=retrans)
 
 
 def _http(series: Dict, role: str, cg: int, status: int, n: int, server: str, port: int, route: str,

@@ -15,13 +15,14 @@ FUNCS_6_1 = FUNCS_6_18 | {"tcp_sendpage"}
 
 class FakeKernel(KernelFeatures):
     def __init__(self, tracepoints=(), fentry=False, kprobes=False, functions=(), btf_functions=FUNCS_6_18,
-                 btf_structs=("trace_event_raw_tcp_send_reset",)) -> None:
+                 btf_structs=("trace_event_raw_tcp_send_reset",), bpf_iter=True) -> None:
         super().__init__(release="6.18.0", btf=True, tracefs=Path("/nonexistent"), bpffs=True, is_root=True,
                          memlock_bytes=-1)
         self._tps, self._functions = set(tracepoints), set(functions)
         self._btf_functions, self._btf_structs = set(btf_functions), set(btf_structs)
         self.__dict__["fentry"] = fentry
         self.__dict__["kprobes"] = kprobes
+        self.__dict__["bpf_iter"] = bpf_iter
 
     def has_tracepoint(self, category_event: str) -> bool:
         return category_event in self._tps
@@ -40,26 +41,41 @@ BYTES = next(s for s in SIGNALS if s.name == "tcp_bytes")
 LENGTH_TPS = {"sock/sock_send_length", "sock/sock_recv_length"}
 
 
-def test_fentry_preferred_when_the_kernel_allows_it() -> None:
+def test_iterator_preferred_over_per_call_programs() -> None:
     kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=True)
     (st,) = plan([BYTES], kf)
-    assert [v.name for v in st.candidates] == ["fentry", "tracepoint"]
-    assert st.tried == ["fentry+sendpage: no kernel function tcp_sendpage"]
+    assert [v.name for v in st.candidates] == ["iter", "fentry", "per-call"]
 
 
-def test_tracepoint_fallback_with_the_reason_recorded() -> None:
-    kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=False)
+def test_fentry_preferred_over_tracepoints_without_iterators() -> None:
+    kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=True, bpf_iter=False)
     (st,) = plan([BYTES], kf)
-    assert [v.name for v in st.candidates] == ["tracepoint"]
-    assert st.tried == ["fentry+sendpage: fentry programs refused by this kernel",
+    assert [v.name for v in st.candidates] == ["fentry", "per-call"]
+    assert st.tried == ["iter: BPF iterators unavailable (they need kernel BTF)",
+                        "fentry+sendpage: no kernel function tcp_sendpage"]
+
+
+def test_per_call_tracepoint_fallback_with_the_reasons_recorded() -> None:
+    kf = FakeKernel(tracepoints=LENGTH_TPS, fentry=False, bpf_iter=False)
+    (st,) = plan([BYTES], kf)
+    assert [v.name for v in st.candidates] == ["per-call"]
+    assert st.tried == ["iter: BPF iterators unavailable (they need kernel BTF)",
+                        "fentry+sendpage: fentry programs refused by this kernel",
                         "fentry: fentry programs refused by this kernel"]
 
 
 def test_old_kernel_without_the_length_tracepoints_uses_fentry_with_sendpage() -> None:
-    kf = FakeKernel(tracepoints=set(), fentry=True, btf_functions=FUNCS_6_1, btf_structs=())
+    kf = FakeKernel(tracepoints=set(), fentry=True, btf_functions=FUNCS_6_1, btf_structs=(), bpf_iter=False)
     (st,) = plan([BYTES], kf)
     assert [v.name for v in st.candidates] == ["fentry+sendpage", "fentry"]
-    assert "no tracepoint sock/sock_send_length, sock/sock_recv_length" in st.tried[0]
+    assert "no tracepoint sock/sock_send_length, sock/sock_recv_length" in st.tried[1]
+
+
+def test_no_byte_counting_at_all_is_visible() -> None:
+    kf = FakeKernel(tracepoints=set(), bpf_iter=False)
+    (st,) = plan([BYTES], kf)
+    assert st.current is None
+    assert "no tracepoint sock/sock_send_length, sock/sock_recv_length" in st.tried[-1]
 
 
 def test_socket_less_resets_hooked_only_where_the_tracepoint_misses_them() -> None:

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
-from meshlens.agent.aggregate.flows import ConnFacts, FlowTable
+from meshlens.agent.aggregate.flows import FlowTable
+from tests.unit.flow_helpers import closed, failed, key, opened
 from meshlens.agent.identity.model import Workload
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
@@ -30,12 +31,10 @@ def snapshot_with(table: FlowTable, identity=None) -> AgentSnapshot:
 
 def one_connection_table() -> FlowTable:
     t = FlowTable()
-    f = ConnFacts(sk=1, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
-                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80,
-                  established_ns=2)
-    t.opened(f, 0.0007)
-    t.closed(ConnFacts(**{**f.__dict__, "bytes_sent": 4099, "bytes_received": 613, "srtt_us": 90}), 2.0)
-    t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 2}), "refused")
+    k = key("outbound", "curl", 7, 99, "10.0.0.3", 80)
+    opened(t, k, 0.0007)
+    closed(t, k, sent=4099, received=613, rtt_us=90, duration_s=2.0)
+    failed(t, k, "refused")
     return t
 
 
@@ -134,10 +133,8 @@ def test_series_per_rollup_is_what_a_full_rollup_exports() -> None:
     from meshlens.exporter.prometheus.tcp import series_per_rollup, tcp_families
 
     t = one_connection_table()
-    f = ConnFacts(sk=9, start_ns=1, direction="outbound", process="curl", pid=4, cgroup_id=7, netns=99,
-                  local_address="10.0.0.2", local_port=40000, peer_address="10.0.0.3", peer_port=80)
-    for i, reason in enumerate(("refused", "timeout", "unreachable", "aborted", "other")):
-        t.connect_failed(ConnFacts(**{**f.__dict__, "sk": 10 + i}), reason)
+    for reason in ("refused", "timeout", "unreachable", "aborted", "other"):
+        failed(t, key("outbound", "curl", 7, 99, "10.0.0.3", 80), reason)
     snap = snapshot_with(t)
     assert len(snap.areas["tcp"].rollups) == 1
     samples = [s for fam in tcp_families(snap) for s in fam.samples if not s.name.endswith("_created")]

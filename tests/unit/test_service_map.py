@@ -6,7 +6,8 @@ from typing import Dict
 
 import pytest
 
-from meshlens.agent.aggregate.flows import ConnFacts, FlowTable
+from meshlens.agent.aggregate.flows import FlowTable
+from tests.unit.flow_helpers import closed, key, opened
 from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpStats
 from meshlens.agent.identity.model import Workload, external
 from meshlens.agent.aggregate.service_map import UNKNOWN_CALLER, ServiceMap, edge_totals, quantile
@@ -36,12 +37,9 @@ class Clock:
 
 
 def conn(table: FlowTable, sk: int, cg: int, direction: str, peer_cg: int, port: int, sent: int, recv: int) -> None:
-    f = ConnFacts(sk=sk, start_ns=sk, direction=direction, process="p", pid=9, cgroup_id=cg, netns=cg,
-                  local_address=PODS[cg][0], local_port=port if direction == "inbound" else 40000 + sk,
-                  peer_address=PODS[peer_cg][0], peer_port=40000 + sk if direction == "inbound" else port,
-                  established_ns=sk + 1)
-    table.opened(f, None)
-    table.closed(ConnFacts(**{**f.__dict__, "bytes_sent": sent, "bytes_received": recv}), 0.1)
+    k = key(direction, "p", cg, cg, PODS[peer_cg][0], port)
+    opened(table, k)
+    closed(table, k, sent=sent, received=recv)
 
 
 def http(series: Dict, role: str, cg: int, status: int, n: int, server_cg: int, bucket: int) -> None:
@@ -81,10 +79,7 @@ def test_three_tier_chain_has_exactly_its_edges_counted_once() -> None:
 
 def test_callee_view_adds_callers_from_elsewhere() -> None:
     t = FlowTable()
-    f = ConnFacts(sk=1, start_ns=1, direction="inbound", process="p", pid=9, cgroup_id=2, netns=2,
-                  local_address="10.0.0.12", local_port=80, peer_address="192.0.2.7", peer_port=51000,
-                  established_ns=2)
-    t.opened(f, None)
+    opened(t, key("inbound", "p", 2, 2, "192.0.2.7", 80))
     series: Dict = {}
     http(series, "server", 2, 200, 4, 2, bucket=2)
     edges = edge_totals({"tcp": t.snapshot(), "http": HttpSnapshot(series, {}, 0, 0)}, FakeIdentity())
