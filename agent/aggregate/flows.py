@@ -119,7 +119,7 @@ class FlowSnapshot:
     rollup_overflows: int
     rollups_expired: int
     max_rollups: int
-    peers_folded: int = 0           # kernel rollups (peer addresses) credited to a workload's `external` peer
+    peers_folded: int = 0           # connections (opens and failed connects) credited to a workload's `external` peer
     max_peers_per_workload: int = 0
     peers_promoted: int = 0         # folded peers that took a less busy kept peer's place
 
@@ -199,7 +199,6 @@ class FlowTable:
             return key
         if len(kept) + len(reserved) < cap or not self.is_external(key.peer_address):
             return key
-        self.peers_folded += 1
         return _folded(key)
 
     def _track_peer(self, key: RollupKey, by: int) -> None:
@@ -233,6 +232,8 @@ class FlowTable:
             route = self._routes.get(key)
             dest = route.to if route is not None else self._destination(key)
             self._rollup(dest).add(delta)
+            if dest.peer_address == FOLDED_PEER and key.peer_address != FOLDED_PEER:
+                self.peers_folded += delta[R_OPENED] + sum(delta[R_FAILED:R_FAILED + len(FAIL_REASONS)])
             if dest != key:
                 if route is None:
                     route = self._routes[key] = _Route(dest)

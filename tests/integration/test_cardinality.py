@@ -177,14 +177,11 @@ def test_flow_storm_stays_bounded_and_scrapes_answer(node) -> None:
         assert len(scrapes) >= 3
         assert peak[0] < limit
         assert len(closed) == CAP + 1  # the storm's 500 addresses: 16 kept, the rest in `external`
-        # every connection in `external` was folded once, and counted (other workloads may fold too)
-        assert closed["external"] >= n * (sources - CAP) // sources - n // 1000
+        # every source made n / sources connections: the 16 kept ones have their own series, the
+        # rest were each folded once into `external`, and counted (other workloads may fold too)
+        assert n % sources == 0
+        assert closed["external"] == n - CAP * (n // sources)
         assert agent.total("meshlens_agent_flow_peers_folded_total") - folded0 >= closed["external"]
-        missing = n - sum(closed.values())
-        if missing and missing <= n // 1000 and lost == 0:
-            # seen on this machine under load: a few connections of 50,000 neither opened nor
-            # closed in the agent's view and no loss counted. A real accuracy bug (reported),
-            # not a test artefact: the server accepted every one.
-            pytest.xfail(f"{missing} of {n} storm connections missing from the agent's counts, no loss counted")
+        assert lost == 0
         assert sum(closed.values()) == n
         assert sum(received.values()) == n * up
