@@ -1,6 +1,6 @@
 """Network namespaces of this node, and running a kernel call inside one.
 
-Used by agent/sources/tcp/source.py: a `bpf_iter/tcp` iterator shows only the sockets of the
+Used by agent/sources/tcp/source.py and agent/sources/saturation/netns.py: a `bpf_iter/tcp` iterator shows only the sockets of the
 namespace its reader is in, so each sweep reads the iterator once per namespace. Namespaces
 are found from /proc/<pid>/ns/net (cached per pid) and the bind mounts in /run/netns; no
 file descriptor is kept between sweeps, so the agent never keeps a deleted namespace alive.
@@ -63,7 +63,8 @@ class NetnsDirectory:
         return found
 
 
-def _setns(fd: int) -> None:
+def setns_net(fd: int) -> None:
+    """Move this thread into the network namespace open at `fd`."""
     if libc.setns(fd, CLONE_NEWNET) != 0:
         err = get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
@@ -76,13 +77,13 @@ def entered(path: str) -> Iterator[None]:
     try:
         target = os.open(path, os.O_RDONLY)
         try:
-            _setns(target)
+            setns_net(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
-            _setns(home)
+            setns_net(home)
     finally:
         os.close(home)
 

@@ -3,58 +3,21 @@
 Used by agent/sources/saturation/source.py at each sweep: socket iterators and net sysctls
 (`ip_local_port_range`, `nf_conntrack_count`) answer for the namespace of the thread that
 opens them, so a single worker thread enters each namespace in turn (setns), runs the
-visit, and moves on. Namespaces are found through /proc/<pid>/ns/net and /run/netns, so a
-namespace that holds no process but is pinned by `ip netns` is visited too.
+visit, and moves on. Namespaces are found by agent/kernel/netns.NetnsDirectory (/proc/<pid>/ns/net and
+/run/netns), so a namespace that holds no process but is pinned by `ip netns` is visited too.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Callable, Dict, Tuple, TypeVar
 
+from meshlens.agent.kernel.netns import NetnsDirectory, setns_net
+
 log = logging.getLogger("meshlens.saturation")
 
-CLONE_NEWNET = 0x40000000
-PINNED_DIRS = ("/run/netns", "/var/run/netns")
 T = TypeVar("T")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def network_namespaces(proc: str = "/proc") -> Dict[int, str]:
-    """{netns inode: a path that opens it}, one path per namespace."""
-    found: Dict[int, str] = {}
-    for d in PINNED_DIRS:
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(d, name)
-            try:
-                found.setdefault(os.stat(path).st_ino, path)
-            except OSError:
-                continue
-    try:
-        pids = [p for p in os.listdir(proc) if p.isdigit()]
-    except OSError:
-        pids = []
-    for pid in pids:
-        path = f"{proc}/{pid}/ns/net"
-        try:
-            found.setdefault(os.stat(path).st_ino, path)
-        except OSError:
-            continue  # the process exited, or is not ours to look at
-    return found
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 class NetnsVisitor:
@@ -62,6 +25,7 @@ class NetnsVisitor:
 
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshlens-netns")
+        self._namespaces = NetnsDirectory()  # /run/netns pins and every process's namespace
         self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.errors = 0  # namespaces that went away (or refused us) between listing and entering
         self.listed: frozenset = frozenset()  # every namespace the last visit found, entered or not
@@ -77,7 +41,7 @@ class NetnsVisitor:
     def _visit_all(self, fn: Callable[[int], T]) -> Dict[int, T]:
         out: Dict[int, T] = {}
         try:
-            found = network_namespaces()
+            found = self._namespaces.scan()
             self.listed = frozenset(found)
             for inode, path in sorted(found.items()):
                 try:
@@ -86,7 +50,7 @@ class NetnsVisitor:
                     self.errors += 1
                     continue
                 try:
-                    _setns(fd)
+                    setns_net(fd)
                     out[inode] = fn(inode)
                 except OSError as exc:
                     self.errors += 1
@@ -94,7 +58,7 @@ class NetnsVisitor:
                 finally:
                     os.close(fd)
         finally:
-            _setns(self._home)
+            setns_net(self._home)
         return out
 
     def close(self) -> None:
