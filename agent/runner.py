@@ -37,6 +37,7 @@ log = logging.getLogger("meshlens.runner")
 class AgentConfig:
     sweep_interval_s: float = 1.0
     poll_timeout_ms: int = 100
+    consume_budget: int = 4096        # ring-buffer records per buffer per step: a flood waits for the sweep
     tcp: TcpConfig = TcpConfig()
     http: HttpConfig = HttpConfig()
     sat: SatConfig = SatConfig()
@@ -143,7 +144,7 @@ class Agent:
         except InterruptedError:
             events = []
         for fd, _ in events:
-            self._ready[fd].consume()
+            self._ready[fd].consume(self.config.consume_budget)
         if now - last_sweep >= self.config.sweep_interval_s:
             self.sweep()
             if now - self._last_map >= self.config.map_interval_s:

@@ -290,12 +290,18 @@ class RingBuffer:
 
     A callback that raises is logged and counted (callback_errors), never propagated into
     libbpf. poll() returns the number of records consumed; an interrupted poll returns 0.
+    consume(budget) hands over at most `budget` records and leaves the rest in the buffer, so
+    a flood of records cannot keep the caller from its other work (the sweep): the sample
+    callback returns a negative value after the budget's last record, which makes libbpf
+    (1.1 has no ring_buffer__consume_n) store the consumer position past it and stop.
     """
 
     def __init__(self, m: Map, callback: Callable[[bytes], None]) -> None:
         self.records = 0
         self.callback_errors = 0
+        self.budget_stops = 0          # consume() calls that stopped at their budget
         self._callback = callback
+        self._left = -1                # records this consume() may still hand over; -1: no budget
 
         def _sample(_ctx: int, data: int, size: int) -> int:
             self.records += 1
@@ -304,6 +310,10 @@ class RingBuffer:
             except Exception:  # noqa: BLE001 - a bad record must not stop the agent
                 self.callback_errors += 1
                 log.exception("ring buffer %s: callback failed", m.name)
+            if self._left > 0:
+                self._left -= 1
+                if self._left == 0:
+                    return -errno_mod.EAGAIN  # this record is consumed; stop before the next
             return 0
 
         self._sample = libbpf.SAMPLE_FN(_sample)
@@ -320,9 +330,19 @@ class RingBuffer:
             raise BpfError("ring_buffer__poll", -n)
         return n
 
-    def consume(self) -> int:
-        n = lib.ring_buffer__consume(self._ptr)
+    def consume(self, budget: Optional[int] = None) -> int:
+        """Hand over the waiting records, at most `budget` of them (all when None); returns
+        how many were handed over."""
+        before = self.records
+        self._left = budget if budget and budget > 0 else -1
+        try:
+            n = lib.ring_buffer__consume(self._ptr)
+        finally:
+            stopped, self._left = self._left == 0, -1
         if n < 0:
+            if stopped and -n == errno_mod.EAGAIN:
+                self.budget_stops += 1
+                return self.records - before
             raise BpfError("ring_buffer__consume", -n)
         return n
 

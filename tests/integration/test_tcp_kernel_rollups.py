@@ -282,3 +282,28 @@ def test_per_call_fallback_counts_the_same_bytes(source_factory, monkeypatch) ->
     assert (rolls["inbound"].bytes_sent, rolls["inbound"].bytes_received) == (n * down, n * up)
     assert rolls["outbound"].closed == rolls["inbound"].closed == n
     assert src.health().kernel_counters["send_calls"] > 0
+
+
+def test_a_consume_budget_leaves_the_rest_of_a_flood_in_the_ring_buffer(source_factory) -> None:
+    """The runner consumes at most a budget of records per buffer per step, so an event flood
+    cannot keep it from its sweeps; what the budget leaves waits in the buffer, none lost."""
+    src, _ = source_factory()
+    port, n, up, down = 47119, 1009, 7, 3
+    events: List[ConnEvent] = []
+    unsubscribe = src.subscribe(lambda e: events.append(e) if e.key.server_port == port else None)
+    try:
+        t, _ = serve(port, n, up, down)
+        assert clients(port, n, up) == n * down
+        t.join()
+        (rb,) = src.ring_buffers()
+        before = rb.records
+        assert rb.consume(budget=300) == 300 and rb.records - before == 300
+        assert rb.consume(budget=301) == 301 and rb.budget_stops == 2
+        rest = rb.consume()
+        assert rest >= 2 * 2 * n - 601  # an open and a close per end and connection, at least
+        mine = [(e.type, e.key.direction) for e in events]
+        for kind in ("open", "close"):
+            assert mine.count((kind, "outbound")) == mine.count((kind, "inbound")) == n
+        assert rb.consume(budget=300) < 300  # drained: the budget is not reached
+    finally:
+        unsubscribe()
