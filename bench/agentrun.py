@@ -30,7 +30,9 @@ def default_source_names() -> List[str]:
     return [s.name for s in default_sources(AgentConfig(), KernelFeatures.probe())]
 
 
-MODE_ARGS = {"l4": ("--features", "l4"), "full": (), "packets": ("--l7-source", "packets")}
+MODE_ARGS = {"l4": ("--features", "l4"), "l4_tp": ("--features", "l4"), "full": (), "packets": ("--l7-source", "packets")}
+# l4_tp: L4 with the state program on the classic tracepoint instead of tp_btf (A/B of the attach point)
+MODE_ENV = {"l4_tp": {"MESHLENS_ATTACH_SKIP": "tcp_state/tp_btf"}}
 
 
 class BenchAgent(AgentProcess):
@@ -39,7 +41,7 @@ class BenchAgent(AgentProcess):
     def __init__(self, mode: str, *extra_args: str, sweep_interval: float = 1.0) -> None:
         if mode not in MODE_ARGS:
             raise ValueError(f"unknown agent mode {mode!r}")
-        super().__init__(*MODE_ARGS[mode], *extra_args, sweep_interval=sweep_interval)
+        super().__init__(*MODE_ARGS[mode], *extra_args, sweep_interval=sweep_interval, env=MODE_ENV.get(mode))
         self.mode = mode
         self.attached: List[str] = []
 

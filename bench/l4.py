@@ -25,6 +25,8 @@ from .targets import verdict
 from .workloads import SMALL
 
 IDLE_S = 2.0
+# l4_tp: the same agent with the state program on the classic tracepoint (A/B of tp_btf, the default)
+MODES = ["base", "l4", "l4_tp"]
 # Programs on hooks that fire per send/receive call (the per-call fallback); with the iterator
 # variant they are not attached, and the verdict counts their runs.
 PER_CALL_PROGRAMS = {"handle_send_length", "handle_recv_length"}
@@ -37,8 +39,8 @@ def _mode(mode: str, ctx: Context) -> Iterator[Optional[BenchAgent]]:
     if mode == "base":
         yield None
         return
-    agent = BenchAgent("l4").start()
-    ctx.remember_attach("l4", agent.attached)
+    agent = BenchAgent(mode).start()
+    ctx.remember_attach(mode, agent.attached)
     try:
         with bpf_stats_enabled():
             yield agent
@@ -75,7 +77,7 @@ def run(ctx: Context) -> SectionResult:
     res = SectionResult("l4", "L4 alone (issue 9): per-call cost and per-connection cost")
     blocks = 1 if ctx.quick else 4
     rounds: List[Dict[str, Any]] = []
-    for block, mode in schedule(["base", "l4"], blocks):
+    for block, mode in schedule(MODES, blocks):
         with _mode(mode, ctx) as agent:
             context = round_context([agent.pid] if agent else [])
             out: Dict[str, Any] = {}
@@ -92,16 +94,22 @@ def run(ctx: Context) -> SectionResult:
     summary: Dict[str, Any] = {}
     for name, label in WORKLOADS.items():
         tput = compare([(r["block"], r["mode"], r["results"][name]["window"]["rps"]) for r in rounds])
-        l4 = [r["results"][name] for r in rounds if r["mode"] == "l4"]
+        by_mode = {m: [r["results"][name] for r in rounds if r["mode"] == m] for m in MODES[1:]}
+        l4 = by_mode["l4"]
         per_call = summarize([_net(x["window"], x["background"], "run_cnt", names=PER_CALL_PROGRAMS)
                               / max(1, x["window"]["requests"]) for x in l4])
         all_runs = summarize([_net(x["window"], x["background"], "run_cnt") / max(1, x["window"]["requests"])
                               for x in l4])
-        ns = summarize([_net(x["window"], x["background"], "run_time_ns") / max(1, x["window"]["requests"])
-                        for x in l4])
-        cpu_us = summarize([1e6 * (x["window"]["agent_cpu_s"] - x["background"]["agent_cpu_s"]
-                                   / x["background"]["wall_s"] * x["window"]["wall_s"]) / max(1, x["window"]["requests"])
-                            for x in l4])
+        ns_of = {m: summarize([_net(x["window"], x["background"], "run_time_ns") / max(1, x["window"]["requests"])
+                               for x in xs]) for m, xs in by_mode.items()}
+        cpu_of = {m: summarize([1e6 * (x["window"]["agent_cpu_s"] - x["background"]["agent_cpu_s"]
+                                       / x["background"]["wall_s"] * x["window"]["wall_s"])
+                                / max(1, x["window"]["requests"]) for x in xs]) for m, xs in by_mode.items()}
+        runs_of = {m: summarize([_net(x["window"], x["background"], "run_cnt") / max(1, x["window"]["requests"])
+                                 for x in xs]) for m, xs in by_mode.items()}
+        per_call_of = {m: summarize([_net(x["window"], x["background"], "run_cnt", names=PER_CALL_PROGRAMS)
+                                     / max(1, x["window"]["requests"]) for x in xs]) for m, xs in by_mode.items()}
+        ns, cpu_us = ns_of["l4"], cpu_of["l4"]
         progs: Dict[str, Dict[str, float]] = {}
         for x in l4:
             for n, p in x["window"]["progs"].items():
@@ -110,15 +118,18 @@ def run(ctx: Context) -> SectionResult:
                 d["run_time_ns"] += p["run_time_ns"]
                 d["requests"] += x["window"]["requests"]
         summary[name] = {"throughput": tput, "per_call_runs_per_request": per_call, "runs_per_request": all_runs,
-                         "bpf_ns_per_request": ns, "agent_cpu_us_per_request": cpu_us, "programs": progs}
+                         "bpf_ns_per_request": ns, "agent_cpu_us_per_request": cpu_us, "programs": progs,
+                         "bpf_ns_per_request_by_mode": ns_of}
         t = Table(label, ["mode", "throughput", "ratio", "paired ratio", "BPF runs / request (per-call hooks)",
                           "BPF runs / request (all, net)", "BPF ns / request (net)", "agent CPU µs / request (net)"])
-        for m in ("base", "l4"):
+        for m in MODES:
             paired = tput[m]["paired_pct"]
-            t.add(ctx.mode_label(m), fmt_summary(tput[m]["summary"]), fmt_pct(tput[m]["ratio_pct"], signed=False),
+            label_m = ctx.mode_label(m) + (" — state on the classic tracepoint" if m == "l4_tp" else "")
+            t.add(label_m, fmt_summary(tput[m]["summary"]), fmt_pct(tput[m]["ratio_pct"], signed=False),
                   fmt_summary(paired) + "%" if paired and m != "base" else "—",
                   *(("—",) * 4 if m == "base" else
-                    (fmt_summary(per_call), fmt_summary(all_runs), fmt_summary(ns), fmt_summary(cpu_us))))
+                    (fmt_summary(per_call_of[m]), fmt_summary(runs_of[m]), fmt_summary(ns_of[m]),
+                     fmt_summary(cpu_of[m]))))
         res.tables.append(t)
         pt = Table(f"{label}: per program (l4 rounds, raw)", ["program", "runs / request", "ns / run", "ns / request"])
         for n, d in sorted(progs.items(), key=lambda kv: -kv[1]["run_time_ns"]):
@@ -127,7 +138,8 @@ def run(ctx: Context) -> SectionResult:
                        fmt(d["run_time_ns"] / max(1, d["requests"])))
         res.tables.append(pt)
     res.data["summary"] = summary
-    res.intro = (f"{blocks} blocks × modes base, l4 (order alternates per block), {ctx.seconds} s per workload; "
+    res.intro = (f"{blocks} blocks × modes base, l4 (state on tp_btf, as shipped), l4_tp (state on the classic "
+                 f"tracepoint, MESHLENS_ATTACH_SKIP=tcp_state/tp_btf) (order reversed every other block), {ctx.seconds} s per workload; "
                  f"wrk 1 thread, 32 connections; nginx 1 worker; {IDLE_S:g} s idle window before each l4 window "
                  "('net' subtracts its rate). Each request of the storm is one connection, both ends on this node "
                  "(two observed sockets).")

@@ -285,6 +285,23 @@ static __always_inline void tuple_from_state_ctx(struct ml_tuple *t, struct trac
 	}
 }
 
+/* The tuple from a BTF-typed socket (tp_btf): plain loads, no helper call per field. */
+static __always_inline void tuple_from_btf_sock(struct ml_tuple *t, struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+
+	t->family = family;
+	t->sport = sk->__sk_common.skc_num;
+	t->dport = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (family == AF_INET) {
+		__builtin_memcpy(t->saddr, &sk->__sk_common.skc_rcv_saddr, 4);
+		__builtin_memcpy(t->daddr, &sk->__sk_common.skc_daddr, 4);
+	} else {
+		__builtin_memcpy(t->saddr, &sk->__sk_common.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(t->daddr, &sk->__sk_common.skc_v6_daddr, 16);
+	}
+}
+
 static __always_inline __u32 netns_of(struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
@@ -439,14 +456,13 @@ static __always_inline void on_listen(struct sock *sk, __u16 port, int up)
 	bpf_map_update_elem(&listeners, &lk, &l, BPF_ANY);
 }
 
-static __always_inline void on_connect(struct sock *sk, __u64 key, struct trace_event_raw_inet_sock_set_state *ctx,
-				       __u64 now)
+static __always_inline void on_connect(struct sock *sk, __u64 key, const struct ml_tuple *t, __u64 now)
 {
 	struct ml_conn c = {};
 
 	/* Active open, in the connect() caller's context: the source port is not chosen yet
 	 * (completed at ESTABLISHED), the destination is. */
-	tuple_from_state_ctx(&c.tuple, ctx);
+	c.tuple = *t;
 	key_from(&c.key, sk, &c.tuple, ML_DIR_OUTBOUND);
 	c.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&c.key.comm, sizeof(c.key.comm));
@@ -455,8 +471,8 @@ static __always_inline void on_connect(struct sock *sk, __u64 key, struct trace_
 		count(ML_CNT_CONNS_FULL);
 }
 
-static __always_inline void on_established(struct sock *sk, __u64 key, int os,
-					   struct trace_event_raw_inet_sock_set_state *ctx, __u64 now)
+static __always_inline void on_established(struct sock *sk, __u64 key, int os, const struct ml_tuple *t,
+					   __u64 now)
 {
 	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
 	struct ml_delta d = {.flags = ML_D_OPENED, .active = 1};
@@ -467,7 +483,7 @@ static __always_inline void on_established(struct sock *sk, __u64 key, int os,
 		if (c->established_ns)
 			return; /* already counted (e.g. adopted by a sweep) */
 		/* Our connect (also a simultaneous open, SYN_SENT -> SYN_RECV -> ESTABLISHED). */
-		tuple_from_state_ctx(&c->tuple, ctx);
+		c->tuple = *t;
 		c->established_ns = now;
 		baseline(c, sk, TCP_ESTABLISHED);
 		d.flags |= ML_D_CONNECT;
@@ -477,7 +493,7 @@ static __always_inline void on_established(struct sock *sk, __u64 key, int os,
 			follow_event(ML_EV_OPEN, key, c, &d, 0, now);
 		return;
 	}
-	tuple_from_state_ctx(&fresh.tuple, ctx);
+	fresh.tuple = *t;
 	fresh.start_ns = now;
 	fresh.established_ns = now;
 	if (os == TCP_SYN_RECV) {
@@ -498,8 +514,7 @@ static __always_inline void on_established(struct sock *sk, __u64 key, int os,
 		follow_event(ML_EV_OPEN, key, &fresh, &d, 0, now);
 }
 
-static __always_inline void on_close(struct sock *sk, __u64 key, int os,
-				     struct trace_event_raw_inet_sock_set_state *ctx, __u64 now)
+static __always_inline void on_close(struct sock *sk, __u64 key, int os, __u64 now)
 {
 	struct ml_conn *c = bpf_map_lookup_elem(&conns, &key);
 	struct ml_delta d = {};
@@ -510,7 +525,7 @@ static __always_inline void on_close(struct sock *sk, __u64 key, int os,
 		/* Untracked: credit what the socket itself still knows. */
 		count(ML_CNT_UNTRACKED_CLOSE);
 		key_untracked(&tmp.key, sk);
-		tuple_from_state_ctx(&tmp.tuple, ctx);
+		tuple_from_sock(&tmp.tuple, sk);
 		c = &tmp;
 	}
 	if (os == TCP_SYN_SENT || (os == TCP_SYN_RECV && !c->established_ns)) {
@@ -545,34 +560,69 @@ static __always_inline void on_close(struct sock *sk, __u64 key, int os,
 		bpf_map_delete_elem(&conns, &key);
 }
 
-SEC("tp/sock/inet_sock_set_state")
-int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+/* Most transitions (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) change nothing L4
+ * counts: leave before any other work. */
+static __always_inline int state_counts(int ns)
 {
-	struct sock *sk = (struct sock *)ctx->skaddr;
+	return ns == TCP_LISTEN || ns == TCP_SYN_SENT || ns == TCP_ESTABLISHED || ns == TCP_CLOSE;
+}
+
+/* Whether a state change needs the connection's tuple (filled by the program's caller). */
+static __always_inline int state_needs_tuple(int ns)
+{
+	return ns == TCP_SYN_SENT || ns == TCP_ESTABLISHED;
+}
+
+/* One state change. `t` holds the tuple when state_needs_tuple(ns); `port` is the local port
+ * (for listeners). Both come from the program: the trace record or the BTF socket. */
+static __always_inline void on_state(struct sock *sk, int os, int ns, const struct ml_tuple *t, __u16 port)
+{
 	__u64 key = (__u64)sk;
-	int os = ctx->oldstate, ns = ctx->newstate;
 	__u64 now;
 
-	if (ctx->protocol != IPPROTO_TCP)
-		return 0;
-	/* Most transitions (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) change nothing
-	 * L4 counts: leave before any other work. */
-	if (ns != TCP_LISTEN && ns != TCP_SYN_SENT && ns != TCP_ESTABLISHED && ns != TCP_CLOSE)
-		return 0;
 	count(ML_CNT_STATE_CHANGES);
 	now = bpf_ktime_get_ns();
 	if (ns == TCP_LISTEN) {
-		on_listen(sk, ctx->sport, 1);
+		on_listen(sk, port, 1);
 	} else if (ns == TCP_SYN_SENT) {
-		on_connect(sk, key, ctx, now);
+		on_connect(sk, key, t, now);
 	} else if (ns == TCP_ESTABLISHED) {
-		on_established(sk, key, os, ctx, now);
+		on_established(sk, key, os, t, now);
 	} else if (ns == TCP_CLOSE) {
 		if (os == TCP_LISTEN)
-			on_listen(sk, ctx->sport, 0);
+			on_listen(sk, port, 0);
 		else if (os != TCP_CLOSE)
-			on_close(sk, key, os, ctx, now);
+			on_close(sk, key, os, now);
 	}
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	struct ml_tuple t = {};
+	int ns = ctx->newstate;
+
+	if (ctx->protocol != IPPROTO_TCP || !state_counts(ns))
+		return 0;
+	if (state_needs_tuple(ns))
+		tuple_from_state_ctx(&t, ctx);
+	on_state((struct sock *)ctx->skaddr, ctx->oldstate, ns, &t, ctx->sport);
+	return 0;
+}
+
+/* The same on the BTF-typed tracepoint: no trace record is built for it (the classic
+ * tracepoint fills one for every state change of every socket, ours or not, before the
+ * program runs), the early exit costs one comparison, and the tuple is read with plain loads. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(handle_set_state_btf, struct sock *sk, int oldstate, int newstate)
+{
+	struct ml_tuple t = {};
+
+	if (!state_counts(newstate) || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	if (state_needs_tuple(newstate))
+		tuple_from_btf_sock(&t, sk);
+	on_state(sk, oldstate, newstate, &t, sk->__sk_common.skc_num);
 	return 0;
 }
 

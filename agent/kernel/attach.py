@@ -9,9 +9,10 @@ why and retries with that signal's next variant. The resulting AttachChoice list
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from meshlens.agent.kernel.bpf import BpfError, BpfObject
 from meshlens.agent.kernel.bpf_iter import attach_iter
@@ -34,9 +35,9 @@ class AttachChoice:
 @dataclass(frozen=True)
 class Variant:
     name: str                    # "fentry", "kprobe", "tracepoint", or a more specific name
-    kind: str                    # one of: tracepoint, fentry, kprobe, iter
+    kind: str                    # one of: tracepoint, tp_btf, fentry, kprobe, iter
     programs: Tuple[str, ...]    # program names in the BPF object
-    targets: Tuple[str, ...]     # "category/event" for tracepoints; for iter, one per program:
+    targets: Tuple[str, ...]     # "category/event" for tracepoints, the event for tp_btf; for iter, one per program:
                                  # the iterator ("tcp") or "run" (loaded, run on demand by the
                                  # source, not attached); function names otherwise
 
@@ -55,6 +56,11 @@ def variant_available(v: Variant, kf: KernelFeatures) -> Tuple[bool, str]:
         if not kf.tracefs:
             return False, "tracefs not mounted"
         return (not missing, f"no tracepoint {', '.join(missing)}" if missing else "")
+    if v.kind == "tp_btf":
+        if not kf.btf:
+            return False, "no kernel BTF"
+        missing = [t for t in v.targets if not kf.btf_tracepoint(t)]
+        return (not missing, f"no BTF tracepoint {', '.join(missing)}" if missing else "")
     if v.kind == "iter":
         return (kf.bpf_iter, "" if kf.bpf_iter else "BPF iterators unavailable (they need kernel BTF)")
     if v.kind == "fentry":
@@ -81,11 +87,31 @@ class _SignalState:
         return self.candidates[0] if self.candidates else None
 
 
+SKIP_ENV = "MESHLENS_ATTACH_SKIP"
+
+
+def skipped_variants(value: Optional[str] = None) -> Set[Tuple[str, str]]:
+    """(signal, variant) pairs never to use, from $MESHLENS_ATTACH_SKIP ("tcp_state/tp_btf,...");
+    a debugging and benchmarking knob: compare attach points on one kernel, or step around one
+    that misbehaves. `meshlens check` shows each skip."""
+    raw = os.environ.get(SKIP_ENV, "") if value is None else value
+    out = set()
+    for item in raw.split(","):
+        sig, _, var = item.strip().partition("/")
+        if sig and var:
+            out.add((sig, var))
+    return out
+
+
 def plan(signals: Sequence[Signal], kf: KernelFeatures) -> List[_SignalState]:
     states = []
+    skip = skipped_variants()
     for sig in signals:
         st = _SignalState(sig, [])
         for v in sig.variants:
+            if (sig.name, v.name) in skip:
+                st.tried.append(f"{v.name}: skipped (${SKIP_ENV})")
+                continue
             ok, why = variant_available(v, kf)
             if ok:
                 st.candidates.append(v)

@@ -24,6 +24,7 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 BPFFS = Path("/sys/fs/bpf")
 BTF_KIND_STRUCT = 4
 BTF_KIND_FUNC = 12
+BTF_KIND_TYPEDEF = 8
 
 
 def _mounted(path: Path, fstype: str) -> bool:
@@ -83,6 +84,11 @@ class KernelFeatures:
         """The kernel's BTF has a function of that name: fentry can target it, or, for kfuncs
         such as bpf_rdonly_cast (6.2+), programs can call it."""
         return self._btf_has(name, BTF_KIND_FUNC)
+
+    def btf_tracepoint(self, event: str) -> bool:
+        """A tp_btf program can attach to this tracepoint: the kernel's BTF has its
+        `btf_trace_<event>` typedef."""
+        return self._btf_has(f"btf_trace_{event}", BTF_KIND_TYPEDEF)
 
     def kernel_btf_struct(self, name: str) -> bool:
         """The kernel's BTF has a struct of that name (e.g. a tracepoint's record type)."""

@@ -37,7 +37,8 @@ class Sample:
 
 
 class AgentProcess:
-    def __init__(self, *extra_args: str, sweep_interval: float = 0.2) -> None:
+    def __init__(self, *extra_args: str, sweep_interval: float = 0.2, env: Optional[Dict[str, str]] = None) -> None:
+        self.env = {**os.environ, **env} if env else None  # extra environment for the agent only
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.state_dir = tempfile.mkdtemp(prefix="meshlens-test-")
@@ -56,7 +57,7 @@ class AgentProcess:
 
     def _start(self, timeout: float) -> "AgentProcess":
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -15,7 +15,7 @@ from meshlens.agent.sources.tcp.source import TcpSource
 from tests.integration.agent_proc import MESHLENS, AgentProcess, held_prog_ids, loaded_programs
 from tests.integration.test_tcp_l4 import finish, of, run_json, start_listener
 
-TCP_PROGRAMS = {"handle_set_state", "sweep_conns", "adopt_tcp", "handle_retransmit", "handle_retransmit_synack",
+TCP_PROGRAMS = {"handle_set_state_btf", "sweep_conns", "adopt_tcp", "handle_retransmit", "handle_retransmit_synack",
                 "handle_send_reset", "handle_receive_reset"}
 PER_CALL_PROGRAMS = {"handle_send_length", "handle_recv_length"}
 
@@ -129,7 +129,7 @@ def test_check_reports_each_requirement_and_attach_point() -> None:
     res = subprocess.run([MESHLENS, "check"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "√ kernel BTF available" in res.stdout
-    assert "√ tcp/tcp_state: tracepoint [handle_set_state]" in res.stdout
+    assert "√ tcp/tcp_state: tp_btf [handle_set_state_btf]" in res.stdout
     assert "√ tcp/tcp_bytes: iter [sweep_conns, adopt_tcp]" in res.stdout
     assert "Status check results are √" in res.stdout
 

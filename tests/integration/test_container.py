@@ -178,7 +178,7 @@ def test_agent_container_counts_pod_traffic_exactly_and_detaches_on_stop(node, a
         time.sleep(0.2)
     assert all(f"handle {pid:#x} " in _tc_filters(p.host_veth) for p in (srv, cli))
     held = _held_by(pid)
-    assert {"handle_set_state", "meshlens_tc_in", "meshlens_tc_eg"} <= set(held.values())
+    assert {"handle_set_state_btf", "meshlens_tc_in", "meshlens_tc_eg"} <= set(held.values())
     mem = _container_memory(ctr)
     print(f"container memory (cgroup, BPF maps included): {mem / 2**20:.1f} MiB; "
           f"agent RSS {_total(text, 'meshlens_agent_resident_memory_bytes') / 2**20:.1f} MiB")

@@ -284,6 +284,29 @@ def test_per_call_fallback_counts_the_same_bytes(source_factory, monkeypatch) ->
     assert src.health().kernel_counters["send_calls"] > 0
 
 
+def test_the_classic_state_tracepoint_counts_what_tp_btf_counts(source_factory, monkeypatch) -> None:
+    """Both attach points of the state program at once, on one workload: each exact."""
+    btf, btf_flows = source_factory()
+    monkeypatch.setenv("MESHLENS_ATTACH_SKIP", "tcp_state/tp_btf")
+    classic, classic_flows = source_factory()
+    state = lambda src: next(c for c in src.attach_report() if c.signal == "tcp_state")  # noqa: E731
+    assert state(btf).chosen == "tp_btf" and state(classic).chosen == "tracepoint"
+    assert "tp_btf: skipped ($MESHLENS_ATTACH_SKIP)" in state(classic).tried
+    port, n, up, down = 47117, 1009, 4099, 613
+    t, got = serve(port, n, up, down)
+    assert clients(port, n, up) == n * down
+    t.join()
+    assert got["received"] == n * up
+    for src, flows in ((btf, btf_flows), (classic, classic_flows)):
+        src.sweep(time.monotonic_ns())
+        rolls = {k.direction: r for k, r in flows.snapshot().rollups.items() if k.server_port == port}
+        assert (rolls["outbound"].opened, rolls["outbound"].closed) == (n, n)
+        assert (rolls["inbound"].opened, rolls["inbound"].closed) == (n, n)
+        assert (rolls["outbound"].bytes_sent, rolls["outbound"].bytes_received) == (n * up, n * down)
+        assert (rolls["inbound"].bytes_sent, rolls["inbound"].bytes_received) == (n * down, n * up)
+        assert rolls["outbound"].connect_latency.count == n and rolls["inbound"].duration.count == n
+
+
 def test_a_consume_budget_leaves_the_rest_of_a_flood_in_the_ring_buffer(source_factory) -> None:
     """The runner consumes at most a budget of records per buffer per step, so an event flood
     cannot keep it from its sweeps; what the budget leaves waits in the buffer, none lost."""

@@ -15,11 +15,12 @@ FUNCS_6_1 = FUNCS_6_18 | {"tcp_sendpage"}
 
 class FakeKernel(KernelFeatures):
     def __init__(self, tracepoints=(), fentry=False, kprobes=False, functions=(), btf_functions=FUNCS_6_18,
-                 btf_structs=("trace_event_raw_tcp_send_reset",), bpf_iter=True) -> None:
+                 btf_structs=("trace_event_raw_tcp_send_reset",), bpf_iter=True, btf_tracepoints=()) -> None:
         super().__init__(release="6.18.0", btf=True, tracefs=Path("/nonexistent"), bpffs=True, is_root=True,
                          memlock_bytes=-1)
         self._tps, self._functions = set(tracepoints), set(functions)
         self._btf_functions, self._btf_structs = set(btf_functions), set(btf_structs)
+        self._btf_tps = set(btf_tracepoints)
         self.__dict__["fentry"] = fentry
         self.__dict__["kprobes"] = kprobes
         self.__dict__["bpf_iter"] = bpf_iter
@@ -35,6 +36,9 @@ class FakeKernel(KernelFeatures):
 
     def kernel_btf_struct(self, name: str) -> bool:
         return name in self._btf_structs
+
+    def btf_tracepoint(self, event: str) -> bool:
+        return event in self._btf_tps
 
 
 BYTES = next(s for s in SIGNALS if s.name == "tcp_bytes")
@@ -98,3 +102,21 @@ def test_no_variant_left_is_visible() -> None:
     sig = Signal("x", (Variant("tracepoint", "tracepoint", ("p",), ("a/b",)),))
     (st,) = plan([sig], FakeKernel())
     assert st.current is None and st.tried == ["tracepoint: no tracepoint a/b"]
+
+
+STATE = next(s for s in SIGNALS if s.name == "tcp_state")
+
+
+def test_state_changes_on_the_btf_tracepoint_where_the_kernel_has_it() -> None:
+    (st,) = plan([STATE], FakeKernel(tracepoints={"sock/inet_sock_set_state"}, btf_tracepoints={"inet_sock_set_state"}))
+    assert [v.name for v in st.candidates] == ["tp_btf", "tracepoint"]
+    (st,) = plan([STATE], FakeKernel(tracepoints={"sock/inet_sock_set_state"}))
+    assert [v.name for v in st.candidates] == ["tracepoint"]
+    assert st.tried == ["tp_btf: no BTF tracepoint inet_sock_set_state"]
+
+
+def test_a_variant_skipped_by_the_environment_is_not_planned_and_says_why(monkeypatch) -> None:
+    monkeypatch.setenv("MESHLENS_ATTACH_SKIP", " tcp_state/tp_btf , bogus ,tcp_bytes/nope")
+    (st,) = plan([STATE], FakeKernel(tracepoints={"sock/inet_sock_set_state"}, btf_tracepoints={"inet_sock_set_state"}))
+    assert [v.name for v in st.candidates] == ["tracepoint"]
+    assert st.tried == ["tp_btf: skipped ($MESHLENS_ATTACH_SKIP)"]

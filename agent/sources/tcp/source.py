@@ -41,7 +41,10 @@ from meshlens.agent.sources.tcp.structs import (
 log = logging.getLogger("meshlens.tcp")
 
 SIGNALS = (
-    Signal("tcp_state", (Variant("tracepoint", "tracepoint", ("handle_set_state",), ("sock/inet_sock_set_state",)),)),
+    # tp_btf first: the classic tracepoint builds a trace record for every state change of
+    # every socket before the program runs (bench/README.md, "L4 alone").
+    Signal("tcp_state", (Variant("tp_btf", "tp_btf", ("handle_set_state_btf",), ("inet_sock_set_state",)),
+                         Variant("tracepoint", "tracepoint", ("handle_set_state",), ("sock/inet_sock_set_state",)))),
     Signal(
         "tcp_bytes",
         (
