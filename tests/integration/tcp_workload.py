@@ -26,7 +26,8 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _recv_exact(conn: socket.socket, n: int) -> int:
+def recv_exact(conn: socket.socket, n: int) -> int:
+    """Read until n bytes arrived or the peer closed; returns how many arrived."""
     got = 0
     while got < n:
         chunk = conn.recv(min(65536, n - got))
@@ -55,7 +56,7 @@ def server(a: argparse.Namespace) -> dict:
     payload = b"s" * a.send
     for _ in range(a.count):
         conn, _ = ls.accept()
-        received += _recv_exact(conn, a.recv)
+        received += recv_exact(conn, a.recv)
         if a.send:
             conn.sendall(payload)
             sent += len(payload)

@@ -20,19 +20,10 @@ from meshlens.agent.sources.tcp.facts import ConnEvent
 from meshlens.agent.sources.tcp.source import TcpConfig, TcpSource
 from tests.integration.agent_proc import AgentProcess
 from tests.integration.pods import Pod
+from tests.integration.tcp_workload import recv_exact
 from tests.integration.test_tcp_l4 import finish, of, run_json, start_listener, tcp_delta
 
 OWN_COMM = psutil.Process().name()[:15]
-
-
-def recv_exact(s: socket.socket, n: int) -> int:
-    got = 0
-    while got < n:
-        chunk = s.recv(min(65536, n - got))
-        if not chunk:
-            break
-        got += len(chunk)
-    return got
 
 
 def connected_pair(srv: Pod, cli: Pod, port: int) -> Tuple[socket.socket, socket.socket, socket.socket]:
