@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from meshlens.agent.identity.k8s_watch import DAEMONSET, DEPLOYMENT, ENDPOINTSLICE, JOB, POD, REPLICASET, SERVICE, STATEFULSET
+from meshlens.agent.identity.k8s_kinds import DAEMONSET, DEPLOYMENT, ENDPOINTSLICE, JOB, POD, REPLICASET, SERVICE, STATEFULSET
 
 Key = Tuple[str, str]  # (namespace, name)
 CONFIG_HASH = "kubernetes.io/config.hash"

@@ -42,9 +42,9 @@ from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("meshlens.k8s")
 
-POD, SERVICE, ENDPOINTSLICE = "pods", "services", "endpointslices"
-REPLICASET, DEPLOYMENT, DAEMONSET, STATEFULSET, JOB = "replicasets", "deployments", "daemonsets", "statefulsets", "jobs"
-ALL_RESOURCES: Tuple[str, ...] = (POD, SERVICE, ENDPOINTSLICE, REPLICASET, DEPLOYMENT, DAEMONSET, STATEFULSET, JOB)
+from meshlens.agent.identity.k8s_kinds import (  # noqa: F401 - re-exported for callers of this module
+    ALL_RESOURCES, DAEMONSET, DEPLOYMENT, ENDPOINTSLICE, JOB, POD, REPLICASET, SERVICE, STATEFULSET,
+)
 HTTP_GONE = 410
 MIN_QUIET_WATCH_S = 1.0   # a watch closed sooner than this with no event backs off before the next
 

@@ -46,7 +46,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from meshlens.agent.identity.cgroups import CgroupResolver
 from meshlens.agent.identity.model import UNKNOWN, Workload, external, service
 from meshlens.agent.identity.k8s_state import ClusterState, EndpointTarget, PodInfo
-from meshlens.agent.identity.k8s_watch import DAEMONSET, DEPLOYMENT, JOB, REPLICASET, STATEFULSET
+from meshlens.agent.identity.k8s_kinds import DAEMONSET, DEPLOYMENT, JOB, REPLICASET, STATEFULSET
 from meshlens.agent.identity.kubelet_cgroups import ContainerCgroup, parse_cgroup_path
 from meshlens.agent.identity.netns import NetnsLocator
 

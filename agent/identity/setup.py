@@ -19,13 +19,15 @@ import argparse
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from meshlens.agent.identity.cgroups import CgroupResolver
 from meshlens.agent.identity.resolver import DEFAULT_TTL_S, IdentityResolver, parse_cidr_names
 from meshlens.agent.identity.k8s_state import ClusterState
-from meshlens.agent.identity.k8s_watch import KubeWatcher, WatchConfig, WatchStatus, api_client
 from meshlens.agent.identity.netns import NetnsLocator
+
+if TYPE_CHECKING:  # the kubernetes client is imported only when the agent watches an API server
+    from meshlens.agent.identity.k8s_watch import KubeWatcher, WatchStatus
 
 
 def add_identity_arguments(run: argparse.ArgumentParser) -> None:
@@ -44,7 +46,7 @@ def add_identity_arguments(run: argparse.ArgumentParser) -> None:
 @dataclass
 class IdentitySetup:
     view: IdentityResolver
-    watcher: Optional[KubeWatcher] = None
+    watcher: "Optional[KubeWatcher]" = None
     state: ClusterState = field(default_factory=ClusterState)
 
     def start(self) -> None:
@@ -56,7 +58,7 @@ class IdentitySetup:
             self.watcher.stop()
             self.watcher.api.close()
 
-    def status(self) -> Dict[str, WatchStatus]:
+    def status(self) -> "Dict[str, WatchStatus]":
         """Per-resource watch health for metrics; empty without Kubernetes."""
         return self.watcher.status() if self.watcher is not None else {}
 
@@ -77,6 +79,8 @@ def identity_from_args(args: argparse.Namespace, cgroups: Optional[CgroupResolve
                             ttl_s=args.pod_ttl)
     watcher = None
     if kubernetes_wanted(args.kubernetes, args.kubeconfig):
+        from meshlens.agent.identity.k8s_watch import KubeWatcher, WatchConfig, api_client
+
         in_cluster = None if args.kubeconfig is None else False
         try:
             api = api_client(kubeconfig=args.kubeconfig, in_cluster=in_cluster)
