@@ -32,6 +32,11 @@ class Subscriber:
         self.gap = 0            # responses dropped since the last one queued
         self.lost_total = 0
         self.closed = False
+        # an asyncio reader (the gRPC server's loop) waits without a thread: put() calls
+        # `waker` (thread-safe) only while the reader said it is waiting, so a busy stream
+        # costs no cross-thread wake-ups
+        self.waker: Optional[Callable[[], None]] = None
+        self.waiting = False
 
     def put(self, r: pb.GetFlowsResponse) -> None:
         with self._cv:
@@ -44,6 +49,10 @@ class Subscriber:
                 self.gap = 0
             self._q.append(r)
             self._cv.notify()
+            wake = self.waker if self.waiting else None
+            self.waiting = False
+        if wake is not None:
+            wake()
 
     def get(self, timeout: float) -> Optional[pb.GetFlowsResponse]:
         """The next response, or None after `timeout` with nothing to send."""
@@ -57,10 +66,25 @@ class Subscriber:
                 return lost(self.node, pb.LostEvent.OBSERVER_EVENTS_QUEUE, n)
             return None
 
+    def get_nowait(self, wait_next: bool = False) -> Optional[pb.GetFlowsResponse]:
+        """The next response or None; with `wait_next`, a None also arms the waker for the next put()."""
+        with self._cv:
+            if self._q:
+                return self._q.popleft()
+            if self.gap:
+                n, self.gap = self.gap, 0
+                return lost(self.node, pb.LostEvent.OBSERVER_EVENTS_QUEUE, n)
+            if wait_next:
+                self.waiting = True
+            return None
+
     def close(self) -> None:
         with self._cv:
             self.closed = True
             self._cv.notify_all()
+            wake = self.waker if self.waiting else None
+        if wake is not None:
+            wake()
 
     def __len__(self) -> int:
         return len(self._q)

@@ -13,14 +13,14 @@ once, HTTP exchanges at the next sweep); the relay's is in time order (its sort 
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Deque, Iterator, List, Optional, Set
+from typing import AsyncIterator, Callable, Deque, List, Optional, Set
 
 import grpc
 
@@ -47,30 +47,30 @@ def software_version() -> str:
 
 
 class ObserverServicer(pbg.ObserverServicer):
-    """GetFlows over `hub`; ServerStatus and GetNodes from the given callables."""
+    """GetFlows over `hub`; ServerStatus and GetNodes from the given callables. Runs on the
+    gRPC server's asyncio loop (grpc.aio): one loop streams to every client, with no thread
+    hand-off per message, which is what bounds a Python gRPC stream's rate."""
 
     def __init__(self, hub: FlowHub, status: Callable[[], pb.ServerStatusResponse],
-                 nodes: Callable[[], List[pb.Node]], get_timeout_s: float = 0.5) -> None:
+                 nodes: Callable[[], List[pb.Node]], idle_s: float = 0.5) -> None:
         self.hub = hub
         self._status = status
         self._nodes = nodes
-        self._timeout = get_timeout_s
+        self._idle = idle_s
         self.streams = 0
-        self._lock = threading.Lock()
 
-    def GetFlows(self, request: pb.GetFlowsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetFlowsResponse]:
+    async def GetFlows(self, request: pb.GetFlowsRequest, context) -> AsyncIterator[pb.GetFlowsResponse]:
         try:
             sel = selector(request)
         except ParamError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         sub = None
         if request.follow:
             past, sub = self.hub.subscribe()
         else:
             past = self.hub.past()
-        with self._lock:
-            self.streams += 1
+        self.streams += 1
         try:
             hist = [r for r in past if sel.in_time(time_ns(r)) and sel.wants(r)]
             if request.follow and not request.number and not request.HasField("since"):
@@ -82,9 +82,17 @@ class ObserverServicer(pbg.ObserverServicer):
                 yield sel.shape(r)
             if sub is None:
                 return
-            while context.is_active():
-                r = sub.get(self._timeout)
+            loop = asyncio.get_running_loop()
+            ready = asyncio.Event()
+            sub.waker = lambda: loop.call_soon_threadsafe(ready.set)
+            while not sub.closed:
+                r = sub.get_nowait(wait_next=True)
                 if r is None:
+                    try:
+                        await asyncio.wait_for(ready.wait(), self._idle)
+                    except asyncio.TimeoutError:
+                        pass
+                    ready.clear()
                     continue
                 t = time_ns(r)
                 if sel.until_ns is not None and t > sel.until_ns:
@@ -93,43 +101,89 @@ class ObserverServicer(pbg.ObserverServicer):
                     continue
                 yield sel.shape(r)
         finally:
-            with self._lock:
-                self.streams -= 1
+            self.streams -= 1
             if sub is not None:
+                sub.waker = None
                 self.hub.unsubscribe(sub)
 
-    def ServerStatus(self, request: pb.ServerStatusRequest, context: grpc.ServicerContext) -> pb.ServerStatusResponse:
+    async def ServerStatus(self, request: pb.ServerStatusRequest, context) -> pb.ServerStatusResponse:
         return self._status()
 
-    def GetNodes(self, request: pb.GetNodesRequest, context: grpc.ServicerContext) -> pb.GetNodesResponse:
+    async def GetNodes(self, request: pb.GetNodesRequest, context) -> pb.GetNodesResponse:
         return pb.GetNodesResponse(nodes=self._nodes())
 
 
-@dataclass
 class GrpcServer:
-    """A grpcio server on one address, optionally TLS/mTLS; `port` is the bound one."""
+    """A grpc.aio server on one address (optionally TLS/mTLS) in its own thread and event
+    loop; `port` is the bound one. At most `max_streams` RPCs at once; the next is refused."""
 
-    servicer: ObserverServicer
-    address: str
-    tls: Optional[ServerTls] = None
-    max_streams: int = MAX_STREAMS
+    def __init__(self, servicer: ObserverServicer, address: str, tls: Optional[ServerTls] = None,
+                 max_streams: int = MAX_STREAMS) -> None:
+        self.servicer, self.address, self.tls, self.max_streams = servicer, address, tls, max_streams
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: Optional[grpc.aio.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopping: Optional[asyncio.Event] = None
+        self._grace = 1.0
 
     def start(self) -> "GrpcServer":
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_streams + 4,
-                                                              thread_name_prefix="grpc"),
-                                   options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=self.max_streams)
-        pbg.add_ObserverServicer_to_server(self.servicer, self._server)
-        if self.tls is not None:
-            self.port = self._server.add_secure_port(self.address, self.tls.credentials())
-        else:
-            self.port = self._server.add_insecure_port(self.address)
+        started = threading.Event()
+        failed: List[BaseException] = []
+        creds = self.tls.credentials() if self.tls is not None else None   # a bad file fails here
+
+        async def main() -> None:
+            self._server = grpc.aio.server(options=list(SERVER_OPTIONS), maximum_concurrent_rpcs=self.max_streams)
+            pbg.add_ObserverServicer_to_server(self.servicer, self._server)
+            try:
+                if creds is not None:
+                    self.port = self._server.add_secure_port(self.address, creds)
+                else:
+                    self.port = self._server.add_insecure_port(self.address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {self.address}: {exc}") from None
+            self._stopping = asyncio.Event()
+            await self._server.start()
+            started.set()
+            await self._stopping.wait()
+            await self._server.stop(self._grace)
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(main())
+            except BaseException as exc:  # noqa: BLE001 - handed to start()
+                failed.append(exc)
+            finally:
+                started.set()
+                # what grpc.aio left scheduled ends here, before the loop closes (as asyncio.run does)
+                pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="grpc-server", daemon=True)
+        self._thread.start()
+        started.wait(15)
+        if failed:
+            raise failed[0]
         if not self.port:
             raise OSError(f"cannot listen on {self.address}")
-        self._server.start()
         return self
 
     def stop(self, grace: float = 1.0) -> None:
-        self._server.stop(grace).wait(grace + 1)
+        """Stop accepting, give open RPCs `grace` seconds, then cancel them."""
+        self._grace = grace
+        if self._stopping is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:        # the loop closed meanwhile
+                pass
+        if self._thread is not None:
+            self._thread.join(grace + 5)
 
 
 class AgentFeed:
