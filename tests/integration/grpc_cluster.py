@@ -195,7 +195,7 @@ class SimNode:
 
     def start_agent(self, kc: str, *extra: str) -> AgentProcess:
         self.agent = AgentProcess("--kubeconfig", kc, "--node-name", self.name, "--features", "l4,l7",
-                                  "--grpc-listen", self.grpc_addr, "--grpc-pods-only", *extra).start()
+                                  "--grpc-listen", self.grpc_addr, "--grpc-pods-only", *extra).start(timeout=90)
         return self.agent
 
     def synced(self) -> bool:

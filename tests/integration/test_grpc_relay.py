@@ -9,6 +9,7 @@ every flow it missed; the relay's /metrics; TLS/mTLS with a CA this test makes."
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -112,6 +113,21 @@ def test_relay_stream_has_every_node_in_time_order_exactly_once(cluster: Cluster
                 assert (x.source.pod_name, x.destination.pod_name) == (s.web_pod, s.client_pod)
                 assert x.source.ip == s.web.ipv4 and x.destination.ip == s.client.ipv4 and x.source.port == 80
                 assert x.l7.http.latency_seconds > 0
+            # L4: the client's one keep-alive connection, seen at both ends (follow mode), its
+            # bytes equal to what nginx logged for that connection (request_length, bytes_sent)
+            entries = s.nginx.access_log_entries()[before[n]:]  # type: ignore[union-attr]
+            [port] = {e["remote_port"] for e in entries}
+            up, down = sum(e["request_length"] for e in entries), sum(e["bytes_sent"] for e in entries)
+            conn = [x for x in flows if x.type == pb.L4 and x.destination.port == 80 and x.source.port == port]
+            events = collections.Counter((x.l4.event, x.traffic_direction) for x in conn)
+            assert events == {("open", pb.EGRESS): 1, ("close", pb.EGRESS): 1, ("open", pb.INGRESS): 1,
+                              ("close", pb.INGRESS): 1}, (n, events)
+            [c_close] = [x for x in conn if x.l4.event == "close" and x.traffic_direction == pb.EGRESS]
+            [s_close] = [x for x in conn if x.l4.event == "close" and x.traffic_direction == pb.INGRESS]
+            assert (c_close.l4.bytes_sent, c_close.l4.bytes_received) == (up, down), n
+            assert (s_close.l4.bytes_sent, s_close.l4.bytes_received) == (down, up), n
+            assert c_close.source.pod_name == s.client_pod and c_close.destination.pod_name == s.web_pod
+            assert c_close.l4.duration_seconds > 0 and s_close.l4.duration_seconds > 0
         every = f.flows()
         times = [x.time.ToNanoseconds() for x in every]
         assert times == sorted(times), "relay stream out of time order"
@@ -218,6 +234,16 @@ def test_stalled_client_is_dropped_behind_with_lost_events(cluster: Cluster) -> 
         stalled.close()
 
 
+@contextlib.contextmanager
+def running(agent: AgentProcess, timeout: float = 90.0) -> Iterator[AgentProcess]:
+    """The agent started with a start-up timeout for a busy machine, always stopped."""
+    agent.start(timeout)
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
 def _metric(text: str, name: str, **labels: str) -> float:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -308,7 +334,7 @@ def test_tls_relay_refuses_an_agent_not_signed_by_its_ca(cluster: Cluster) -> No
         addr = f"127.0.0.1:{free_port()}"
         agent = AgentProcess("--features", "l4", "--node-name", "node-t", "--kubernetes", "off", "--grpc-listen", addr,
                              "--grpc-tls-cert", srv_crt, "--grpc-tls-key", srv_key, "--grpc-tls-client-ca", ca_crt)
-        with agent:
+        with running(agent):
             good = RelayProcess("--agents", addr, "--tls-ca", ca_crt, "--tls-cert", cli_crt, "--tls-key", cli_key)
             wrong_ca = RelayProcess("--agents", addr, "--tls-ca", other_crt, "--tls-cert", cli_crt, "--tls-key", cli_key)
             rogue_client = RelayProcess("--agents", addr, "--tls-ca", ca_crt, "--tls-cert", rogue_crt,

@@ -4,33 +4,13 @@ by network namespace. Only our own logic runs on them; grpcio, protobuf and the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 from meshlens.agent.identity.model import Workload, external
 from meshlens.agent.sources.base import SourceHealth
 from meshlens.agent.sources.l7.http import HttpSeriesKey, TapRecord
-try:
-    from meshlens.agent.sources.tcp.facts import ConnEvent, RollupKey
-except ImportError:  # before issue 9's follow mode: the same fields
-    from meshlens.agent.aggregate.flows import RollupKey
-
-    @dataclass(frozen=True)
-    class ConnEvent:  # type: ignore[no-redef]
-        type: str
-        ts_ns: int
-        key: RollupKey
-        local_address: str
-        local_port: int
-        peer_address: str
-        peer_port: int
-        pid: int
-        bytes_sent: int = 0
-        bytes_received: int = 0
-        duration_s: float = 0.0
-        connect_latency_s: float = 0.0
-        reason: str = ""
+from meshlens.agent.sources.tcp.facts import ConnEvent, RollupKey
 
 
 class PodIdentity:
