@@ -146,7 +146,7 @@ def status(a: argparse.Namespace, out: TextIO) -> int:
                              indent=2, sort_keys=True) + "\n")
         return 0
     out.write(f"Version: {st.version}\nUptime: {st.uptime_seconds:.0f}s\n"
-              f"Flows: {st.num_flows}/{st.max_flows} held, {st.seen_flows} seen, {st.flows_rate:.2f} flows/s\n"
+              f"Flows: {st.num_flows} held (ring of {st.max_flows}), {st.seen_flows} seen, {st.flows_rate:.2f} flows/s\n"
               f"Lost events: {st.lost_events}\n"
               f"Connected nodes: {st.num_connected_nodes}/{st.num_connected_nodes + st.num_unavailable_nodes}\n")
     if st.unavailable_nodes:

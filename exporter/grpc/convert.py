@@ -175,9 +175,11 @@ class Selector:
     mask: Optional[field_mask_pb2.FieldMask] = None
 
     def wants(self, r: pb.GetFlowsResponse) -> bool:
-        """Flows by the filters; node_status and lost_events always pass (a gap is never hidden)."""
+        """Flows by the filters; node_status and lost_events always pass (a gap is never
+        hidden), except those of other nodes when every whitelist filter names a node."""
         if r.WhichOneof("response_types") != "flow":
-            return True
+            names = {c.node_name for c in self.whitelist}
+            return not self.whitelist or "" in names or r.node_name in names
         f = r.flow
         if self.whitelist and not any(c.matches(f) for c in self.whitelist):
             return False
@@ -223,6 +225,10 @@ def node_status(node: str, state: int, names: Iterable[str], message: str = "",
                                                            message=message), node_name=node)
     r.time.FromNanoseconds(time.time_ns() if t_ns is None else t_ns)
     return r
+
+
+def count_flows(rs: Sequence[pb.GetFlowsResponse]) -> int:
+    return sum(1 for r in rs if r.WhichOneof("response_types") == "flow")
 
 
 def time_ns(r: pb.GetFlowsResponse) -> int:

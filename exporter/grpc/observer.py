@@ -25,7 +25,7 @@ from typing import AsyncIterator, Callable, Deque, List, Optional, Set
 import grpc
 
 from meshlens.exporter.api.filters import ParamError
-from meshlens.exporter.grpc.convert import conn_flow, http_flows, lost, response, selector, time_ns, wall_ns
+from meshlens.exporter.grpc.convert import conn_flow, count_flows, http_flows, lost, response, selector, time_ns, wall_ns
 from meshlens.exporter.grpc.hub import FlowHub
 from meshlens.exporter.grpc.tls import SERVER_OPTIONS, ServerTls
 from meshlens.exporter.proto import observer_pb2 as pb
@@ -314,7 +314,7 @@ class AgentFeed:
     # ---- status ----------------------------------------------------------------------------
     def status(self) -> pb.ServerStatusResponse:
         h = self.hub
-        return pb.ServerStatusResponse(num_flows=len(h.past()), max_flows=h.ring_size, seen_flows=h.seen_flows,
+        return pb.ServerStatusResponse(num_flows=count_flows(h.past()), max_flows=h.ring_size, seen_flows=h.seen_flows,
                                        flows_rate=h.flows_rate(), uptime_seconds=h.uptime(),
                                        version=software_version(), num_connected_nodes=1,
                                        num_unavailable_nodes=0, lost_events=h.lost_to_clients())

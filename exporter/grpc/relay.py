@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import grpc
 
-from meshlens.exporter.grpc.convert import node_status, time_ns
+from meshlens.exporter.grpc.convert import count_flows, node_status, time_ns
 from meshlens.exporter.grpc.hub import FlowHub
 from meshlens.exporter.grpc.observer import ObserverServicer, software_version
 from meshlens.exporter.grpc.tls import ClientTls, channel
@@ -277,7 +277,7 @@ class Relay:
         links = self._links()
         down = [l.name for l in links if l.state != pb.Node.NODE_CONNECTED]
         h = self.hub
-        return pb.ServerStatusResponse(num_flows=len(h.past()), max_flows=h.ring_size, seen_flows=h.seen_flows,
+        return pb.ServerStatusResponse(num_flows=count_flows(h.past()), max_flows=h.ring_size, seen_flows=h.seen_flows,
                                        flows_rate=h.flows_rate(), uptime_seconds=h.uptime(),
                                        version=software_version(), num_connected_nodes=len(links) - len(down),
                                        num_unavailable_nodes=len(down), unavailable_nodes=sorted(down),

@@ -78,6 +78,12 @@ def test_whitelist_is_ored_blacklist_subtracted_and_mask_applied() -> None:
     assert len(got) == 1
     assert got[0].flow.l7.http.code == 503 and got[0].flow.source.pod_name == API.pod
     assert got[0].flow.destination.pod_name == "" and got[0].flow.summary == ""   # masked out
+    # node_status passes every filter (a gap is never hidden) unless all filters name other nodes
+    from meshlens.exporter.grpc.convert import node_status
+    down = node_status("node-c", pb.NodeStatusEvent.NODE_UNAVAILABLE, ["node-c"])
+    assert sel.wants(down)
+    assert not selector(pb.GetFlowsRequest(whitelist=[pb.FlowFilter(node_name="node-b")])).wants(down)
+    assert selector(pb.GetFlowsRequest(whitelist=[pb.FlowFilter(node_name="node-c")])).wants(down)
 
 
 def test_stalled_subscriber_gets_lost_events_at_the_gap() -> None:
