@@ -10,6 +10,7 @@ number is the relay's merge + fan-out throughput on this machine (2 cores shared
 producers, the relay and the counting client, so a lower bound).
 
     python -m bench.relay                  # 3 agents, 3 rounds of 10 s, writes bench/relay.md
+    python -m bench.relay --rate 300 --append   # a load it sustains: every flow through, none lost
     python -m bench.relay --agents 2 --seconds 5 --rounds 1 --no-write
 
 Not part of `make bench` or `make test`: a report, nothing fails.
@@ -129,17 +130,20 @@ def one_round(n_agents: int, seconds: float, rate: float, window: float) -> Dict
         t = threading.Thread(target=read, daemon=True)
         t.start()
         time.sleep(window + 3.0)             # connected, the window filled: steady state
-        rp = psutil.Process(relay.pid)
+        rp, me = psutil.Process(relay.pid), psutil.Process()
+        m0 = me.cpu_times()
         c0, f0, s0, i0 = rp.cpu_times(), counts["flows"], sum(seen(p) for p in ports), received(mport)
         t0 = time.monotonic()
         time.sleep(seconds)
         el = time.monotonic() - t0
         c1, f1, s1, i1 = rp.cpu_times(), counts["flows"], sum(seen(p) for p in ports), received(mport)
         rss = rp.memory_info().rss
+        m1 = me.cpu_times()
         call.cancel()
         ch.close()
         return {"relayed_per_s": (f1 - f0) / el, "produced_per_s": (s1 - s0) / el, "received_per_s": (i1 - i0) / el,
-                "relay_cpu": (c1.user + c1.system - c0.user - c0.system) / el, "relay_rss_mib": rss / 2**20,
+                "relay_cpu": (c1.user + c1.system - c0.user - c0.system) / el,
+                "client_cpu": (m1.user + m1.system - m0.user - m0.system) / el, "relay_rss_mib": rss / 2**20,
                 "lost": counts["lost"], "late": counts["late"]}
     finally:
         if relay is not None:
@@ -159,6 +163,7 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="flows/s per agent (0: as fast as it can)")
     ap.add_argument("--sort-window", type=float, default=2.0)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add this run to bench/relay.md instead of replacing it")
     a = ap.parse_args(argv)
     if a.producer:
         producer(int(a.producer[0]), a.producer[1], float(a.producer[2]))
@@ -192,6 +197,7 @@ Median [min–max] over {a.rounds} rounds of {a.seconds:g} s, after {a.sort_wind
 | flows/s the agents published | {cell('produced_per_s')} |
 | flows/s the relay received from the agents | {cell('received_per_s')} |
 | relay CPU (cores) | {cell('relay_cpu', '{:.2f}')} |
+| counting client's CPU (cores) | {cell('client_cpu', '{:.2f}')} |
 | relay RSS (MiB) | {cell('relay_rss_mib', '{:.1f}')} |
 | lost_events reported to the client (whole round) | {cell('lost')} |
 | flows out of time order at the client | {cell('late')} |
@@ -206,8 +212,11 @@ times: agent out, relay in, relay out); the sort window and hub are a few percen
 relay's profile (py-spy). Batching flows per message or a relay in a compiled language
 would be the next step if clusters need more.
 """
+    if a.append:
+        text = "\n## " + text.split("\n", 1)[1].lstrip("\n").replace("Measured by", "Also measured by", 1)
     if not a.no_write:
-        (HERE / "relay.md").write_text(text)
+        with open(HERE / "relay.md", "a" if a.append else "w") as f:
+            f.write(text)
     print(text)
     return 0
 

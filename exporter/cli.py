@@ -177,7 +177,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         server.stop()
         print(f"meshlens: cannot serve metrics on {s.metrics_addr}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    relay.start()
+    relay.start(server.loop)        # one event loop for the agents' streams and the clients'
     watcher = None
     if s.agents_service:
         from meshlens.exporter.grpc.discovery import service_agents
@@ -189,8 +189,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
              s.agents or f"the endpoints of {s.agents_service}")
     while not stop.wait(1.0):
         pass
-    server.stop()
     relay.stop()
+    server.stop()
     metrics.shutdown()  # type: ignore[attr-defined]
     log.info("meshlens relay stopped")
     return 0

@@ -65,6 +65,8 @@ class ObserverServicer(pbg.ObserverServicer):
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        # headers now, not with the first flow: a follower knows at once that the stream is open
+        await context.send_initial_metadata(())
         sub = None
         if request.follow:
             past, sub = self.hub.subscribe()
@@ -173,6 +175,11 @@ class GrpcServer:
         if not self.port:
             raise OSError(f"cannot listen on {self.address}")
         return self
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (running in its thread once started)."""
+        return self._loop
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop accepting, give open RPCs `grace` seconds, then cancel them."""

@@ -15,6 +15,8 @@ requests without `follow`.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import heapq
 import logging
 import threading
@@ -27,7 +29,7 @@ import grpc
 from meshlens.exporter.grpc.convert import count_flows, node_status, time_ns
 from meshlens.exporter.grpc.hub import FlowHub
 from meshlens.exporter.grpc.observer import ObserverServicer, software_version
-from meshlens.exporter.grpc.tls import ClientTls, channel
+from meshlens.exporter.grpc.tls import ClientTls, aio_channel
 from meshlens.exporter.proto import observer_pb2 as pb
 from meshlens.exporter.proto import observer_pb2_grpc as pbg
 
@@ -112,13 +114,52 @@ class Backoff:
         self.current = self.initial_s
 
 
+class LoopThread:
+    """One asyncio event loop in a thread: every AgentLink's stream runs on it (grpc.aio),
+    so receiving costs no thread hand-off per message."""
+
+    def __init__(self, name: str = "relay-links") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+    def submit(self, coro) -> "concurrent.futures.Future":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class SharedLoop(LoopThread):
+    """A loop someone else runs (the relay's gRPC server's): links and the sort window's
+    releases share it with the client streams, one thread for the whole relay."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:  # noqa: super-init-not-called
+        self.loop = loop
+
+    def stop(self) -> None:
+        pass
+
+
 class AgentLink:
     """One agent: GetNodes (its node name), then GetFlows(follow) into `on_response`,
     reconnecting with backoff. State changes go to `on_state(link, state, message)`."""
 
     def __init__(self, address: str, tls: Optional[ClientTls], on_response: Callable[[pb.GetFlowsResponse], None],
                  on_state: Callable[["AgentLink", int, str], None], backoff: Optional[Backoff] = None,
-                 connect_timeout_s: float = 5.0) -> None:
+                 connect_timeout_s: float = 5.0, loop: Optional[LoopThread] = None) -> None:
         self.address = address
         self.tls = tls
         self.name = address            # the node's name once it answered GetNodes
@@ -132,57 +173,54 @@ class AgentLink:
         self._on_state = on_state
         self._backoff = backoff or Backoff()
         self._timeout = connect_timeout_s
-        self._stop = threading.Event()
-        self._call = None
-        self._thread = threading.Thread(target=self._run, name=f"relay-{address}", daemon=True)
+        self._own_loop = loop is None
+        self._loop = loop or LoopThread(f"relay-{address}")
+        self._future: Optional["concurrent.futures.Future"] = None
 
     def start(self) -> "AgentLink":
-        self._thread.start()
+        self._future = self._loop.submit(self._run())
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        call = self._call
-        if call is not None:
-            call.cancel()
-        self._thread.join(5)
+        fut = self._future
+        if fut is not None and not fut.done():
+            self._loop.loop.call_soon_threadsafe(fut.cancel)
+            try:
+                fut.result(5)
+            except BaseException:  # noqa: BLE001 - cancelled, as asked
+                pass
+        if self._own_loop:
+            self._loop.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    async def _run(self) -> None:
+        while True:
             message = "stream ended"
             try:
-                ch = channel(self.address, self.tls)
+                ch = aio_channel(self.address, self.tls)
             except ValueError as exc:      # TlsError: unreadable files, the same on every try
                 ch, message = None, str(exc)
             if ch is not None:
                 try:
-                    self._follow(ch)
-                except grpc.RpcError as exc:
-                    code = exc.code() if hasattr(exc, "code") else None
-                    if code == grpc.StatusCode.CANCELLED and self._stop.is_set():
-                        break
-                    message = f"{code.name if code else 'error'}: {exc.details() if hasattr(exc, 'details') else exc}"
+                    await self._follow(ch)
+                except grpc.aio.AioRpcError as exc:
+                    message = f"{exc.code().name}: {exc.details()}"
                 finally:
-                    self._call = None
-                    ch.close()
-            if self._stop.is_set():
-                break
+                    await ch.close()
             self._set(pb.Node.NODE_UNAVAILABLE, message)
-            self._stop.wait(self._backoff.next())
+            await asyncio.sleep(self._backoff.next())
 
-    def _follow(self, ch: grpc.Channel) -> None:
+    async def _follow(self, ch: "grpc.aio.Channel") -> None:
         stub = pbg.ObserverStub(ch)
-        nodes = stub.GetNodes(pb.GetNodesRequest(), timeout=self._timeout, wait_for_ready=False).nodes
+        nodes = (await stub.GetNodes(pb.GetNodesRequest(), timeout=self._timeout)).nodes
         if nodes:
             self.name, self.version = nodes[0].name or self.address, nodes[0].version
-        self._call = stub.GetFlows(pb.GetFlowsRequest(follow=True))
-        if self._stop.is_set():
-            self._call.cancel()
+        call = stub.GetFlows(pb.GetFlowsRequest(follow=True))
+        await call.wait_for_connection()
         self.connects += 1
         self.connected_at = time.monotonic()
         self._backoff.reset()
         self._set(pb.Node.NODE_CONNECTED, "")
-        for r in self._call:
+        async for r in call:
             if r.WhichOneof("response_types") == "flow":
                 self.flows += 1
             self._on_response(r)
@@ -216,14 +254,17 @@ class Relay:
         self.links: Dict[str, AgentLink] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._release_loop, name="relay-sort", daemon=True)
         self.relayed = 0
         self.lost_upstream: Dict[str, int] = {}
         self.servicer = ObserverServicer(self.hub, self.status, self.nodes)
         self.started = time.monotonic()
+        self._links_loop: Optional[LoopThread] = None
 
-    def start(self) -> "Relay":
-        self._thread.start()
+    def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> "Relay":
+        """Follow the agents; on `loop` (running in another thread, e.g. GrpcServer.loop) or on
+        a loop of its own."""
+        self._links_loop = SharedLoop(loop) if loop is not None else LoopThread()
+        self._release_future = self._links_loop.submit(self._release_task())
         self.sync(self.config.agents)
         return self
 
@@ -233,7 +274,11 @@ class Relay:
             links, self.links = list(self.links.values()), {}
         for link in links:
             link.stop()
-        self._thread.join(2)
+        fut = getattr(self, "_release_future", None)
+        if fut is not None and self._links_loop is not None and not self._links_loop.loop.is_closed():
+            self._links_loop.loop.call_soon_threadsafe(fut.cancel)
+        if self._links_loop is not None:
+            self._links_loop.stop()
         self.window.flush()
 
     def sync(self, addresses: Iterable[str]) -> None:
@@ -244,7 +289,8 @@ class Relay:
             for a in want:
                 if a not in self.links:
                     self.links[a] = AgentLink(a, self.config.tls, self.window.push, self._on_state,
-                                              Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)).start()
+                                              Backoff(self.config.backoff_initial_s, self.config.backoff_max_s),
+                                              loop=self._links_loop).start()
         for link in gone:
             link.stop()
             self.window.push(node_status(self.config.name, pb.NodeStatusEvent.NODE_GONE, [link.name],
@@ -264,8 +310,9 @@ class Relay:
             self.lost_upstream[src] = self.lost_upstream.get(src, 0) + r.lost_events.num_events_lost
         self.hub.publish(r)
 
-    def _release_loop(self) -> None:
-        while not self._stop.wait(RELEASE_EVERY_S):
+    async def _release_task(self) -> None:
+        while True:
+            await asyncio.sleep(RELEASE_EVERY_S)
             self.window.release()
 
     # ---- status ----------------------------------------------------------------------------

@@ -78,3 +78,13 @@ def channel(target: str, tls: Optional[ClientTls]) -> grpc.Channel:
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))  # type: ignore[arg-type]
     return grpc.secure_channel(target, tls.credentials(), options=options)
+
+
+def aio_channel(target: str, tls: Optional[ClientTls]) -> "grpc.aio.Channel":
+    """The same as channel(), for an asyncio loop (the relay's links)."""
+    options = list(KEEPALIVE)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))  # type: ignore[arg-type]
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options)

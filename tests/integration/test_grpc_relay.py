@@ -13,7 +13,9 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshlens.exporter.proto import observer_pb2 as pb
-from tests.integration.agent_proc import AgentProcess
+from tests.integration.agent_proc import MESHLENS, AgentProcess
 from tests.integration.grpc_cluster import (NODES, Follower, RelayProcess, SimNode, kubeconfig, nodes, status,
                                             wait_until)
 from tests.integration.servers import Nginx
@@ -335,15 +337,23 @@ def test_tls_relay_refuses_an_agent_not_signed_by_its_ca(cluster: Cluster) -> No
         agent = AgentProcess("--features", "l4", "--node-name", "node-t", "--kubernetes", "off", "--grpc-listen", addr,
                              "--grpc-tls-cert", srv_crt, "--grpc-tls-key", srv_key, "--grpc-tls-client-ca", ca_crt)
         with running(agent):
-            good = RelayProcess("--agents", addr, "--tls-ca", ca_crt, "--tls-cert", cli_crt, "--tls-key", cli_key)
+            # the good relay also serves its own port with TLS (the agent's certificate stands in)
+            good = RelayProcess("--agents", addr, "--tls-ca", ca_crt, "--tls-cert", cli_crt, "--tls-key", cli_key,
+                                "--grpc-tls-cert", srv_crt, "--grpc-tls-key", srv_key)
             wrong_ca = RelayProcess("--agents", addr, "--tls-ca", other_crt, "--tls-cert", cli_crt, "--tls-key", cli_key)
             rogue_client = RelayProcess("--agents", addr, "--tls-ca", ca_crt, "--tls-cert", rogue_crt,
                                         "--tls-key", rogue_key)
             no_cert = RelayProcess("--agents", addr, "--tls-ca", ca_crt)
             with good, wrong_ca, rogue_client, no_cert:
-                assert wait_until(lambda: status(good.addr).num_connected_nodes == 1, timeout=15), good.log()
-                [n] = nodes(good.addr)
-                assert n.name == "node-t" and n.tls and n.state == pb.Node.NODE_CONNECTED
+                creds = grpc.ssl_channel_credentials(Path(ca_crt).read_bytes())
+                assert wait_until(lambda: status(good.addr, creds).num_connected_nodes == 1, timeout=15), good.log()
+                out = subprocess.run([MESHLENS, "status", "--server", f"grpcs://{good.addr}", "--tls-ca", ca_crt],
+                                     capture_output=True, text=True, timeout=30)
+                assert out.returncode == 0, out.stderr
+                assert re.search(r"node-t\s+127\.0\.0\.1:\d+\s+NODE_CONNECTED\s+tls=yes", out.stdout), out.stdout
+                plain = subprocess.run([MESHLENS, "status", "--server", good.addr], capture_output=True, text=True,
+                                       timeout=30)
+                assert plain.returncode == 1, plain.stdout   # a TLS port refuses a plain-text client
                 for relay in (wrong_ca, rogue_client, no_cert):
                     assert wait_until(lambda: nodes(relay.addr)[0].message, timeout=15), relay.log()
                     [n] = nodes(relay.addr)

@@ -238,6 +238,7 @@ def test_relay_merges_in_time_order_and_reports_nodes() -> None:
     rs = GrpcServer(relay.servicer, "127.0.0.1:0").start()
     try:
         assert wait(lambda: all(a.tcp.following for a in agents))
+        assert wait(lambda: relay.status().num_connected_nodes == 3)      # idle agents count as connected
         f = Follower(rs.port, pb.GetFlowsRequest(follow=True))
         assert wait(lambda: relay.servicer.streams == 1)
         base = time.monotonic_ns()
@@ -263,10 +264,11 @@ def test_relay_merges_in_time_order_and_reports_nodes() -> None:
         assert wait(lambda: agents[1].tcp.following, timeout=5)
         agents[1].tcp.emit(conn("open", 101, "outbound", "10.1.0.2", 43000, "10.1.0.3", 80))
         assert wait(lambda: any(fl.node_name == "node-b" and fl.source.port == 43000 for fl in f.flows()))
-        states = [(pb.NodeStatusEvent.StateChange.Name(r.node_status.state_change), r.node_status.node_names[0])
-                  for r in f.got if r.WhichOneof("response_types") == "node_status"]
-        # the first connections may still have been in the sort window when the client came
-        assert states[-2:] == [("NODE_UNAVAILABLE", "node-b"), ("NODE_CONNECTED", "node-b")]
+        def states_b() -> List[str]:
+            return [pb.NodeStatusEvent.StateChange.Name(r.node_status.state_change) for r in list(f.got)
+                    if r.WhichOneof("response_types") == "node_status" and r.node_status.node_names[0] == "node-b"]
+        # (the first connections may still have been in the sort window when the client came)
+        assert wait(lambda: states_b()[-2:] == ["NODE_UNAVAILABLE", "NODE_CONNECTED"]), states_b()
         assert relay.status().num_connected_nodes == 3
         f.close()
     finally:
