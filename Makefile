@@ -26,9 +26,9 @@ APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light 
 METRICS_ADDR ?= 127.0.0.1:9433
 PYTEST_ARGS  ?=
 
-.PHONY: all run test unit integration kernel-matrix lint-imports bench deps mounts bpf vmlinux clean image base-image podman-conf
+.PHONY: all run test unit integration kernel-matrix lint-imports bench deps mounts bpf proto vmlinux clean image base-image podman-conf
 
-all: deps bpf mounts podman-conf
+all: deps bpf proto mounts podman-conf
 
 run: all
 	$(VENV)/bin/meshlens run --metrics-addr $(METRICS_ADDR)
@@ -40,7 +40,7 @@ test: all lint-imports
 lint-imports: deps
 	$(VENV)/bin/lint-imports --no-cache
 
-unit: deps bpf
+unit: deps bpf proto
 	$(PY) -m pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 integration: all
@@ -67,10 +67,22 @@ $(STAMPS)/apt.stamp: Makefile
 $(STAMPS)/venv.stamp: setup.py $(STAMPS)/apt.stamp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,build]'
 	@touch $@
 
 bpf: $(BPF_OBJ)
+
+# The Observer's Python modules, generated from exporter/proto/observer.proto by grpcio-tools
+# (not committed). protoc writes `import observer_pb2`; the package needs a relative import.
+PROTO_SRC := exporter/proto/observer.proto
+PROTO_GEN := exporter/proto/observer_pb2.py exporter/proto/observer_pb2_grpc.py
+PROTOC    ?= $(PY) -m grpc_tools.protoc
+
+proto: $(PROTO_GEN)
+
+$(PROTO_GEN) &: $(PROTO_SRC) $(if $(MESHLENS_NO_APT),,$(STAMPS)/venv.stamp)
+	$(PROTOC) -Iexporter/proto --python_out=exporter/proto --pyi_out=exporter/proto --grpc_python_out=exporter/proto $(PROTO_SRC)
+	sed -i 's/^import observer_pb2 as/from . import observer_pb2 as/' exporter/proto/observer_pb2_grpc.py
 
 # Inside the image build (MESHLENS_NO_APT=1) the Containerfile has installed the compiler itself.
 APT_STAMP := $(if $(MESHLENS_NO_APT),,$(STAMPS)/apt.stamp)
@@ -145,4 +157,4 @@ bench: all
 	$(PY) -m bench.run
 
 clean:
-	rm -rf $(BPF_OBJDIR) $(STAMPS) build *.egg-info
+	rm -rf $(BPF_OBJDIR) $(STAMPS) build *.egg-info exporter/proto/*_pb2*.py*

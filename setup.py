@@ -8,6 +8,7 @@ installs the wheel needs neither a compiler nor kernel headers.
 import glob
 import os
 import subprocess
+import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -16,11 +17,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class BuildWithBpf(build_py):
-    """Compile bpf/*.bpf.c into agent/bpfobj before collecting package data."""
+    """Compile bpf/*.bpf.c into agent/bpfobj and generate the Observer's gRPC modules from
+    exporter/proto/observer.proto (grpcio-tools, the `build` extra) before collecting package data."""
 
     def run(self) -> None:
         if glob.glob(os.path.join(HERE, "bpf", "*.bpf.c")):
             subprocess.check_call(["make", "-C", HERE, "--no-print-directory", "bpf"])
+        try:
+            import grpc_tools  # noqa: F401 - the `build` extra; an editable install gets it later (make proto)
+        except ImportError:
+            pass
+        else:
+            subprocess.check_call(["make", "-C", HERE, "--no-print-directory", "MESHLENS_NO_APT=1", "proto",
+                                   f"PROTOC={sys.executable} -m grpc_tools.protoc"])
         super().run()
 
 
@@ -34,7 +43,7 @@ setup(
         "meshlens.agent.sources.l7", "meshlens.agent.sources.tc", "meshlens.agent.sources.saturation",
         "meshlens.agent.identity",
         "meshlens.agent.aggregate", "meshlens.exporter", "meshlens.exporter.prometheus", "meshlens.exporter.api",
-        "meshlens.exporter.client",
+        "meshlens.exporter.client", "meshlens.exporter.grpc", "meshlens.exporter.proto",
     ],
     package_dir={"meshlens.agent": "agent", "meshlens.exporter": "exporter"},
     package_data={"meshlens.agent": ["bpfobj/*.bpf.o"], "meshlens.exporter.api": ["static/*"]},
@@ -43,6 +52,7 @@ setup(
         "pyroute2>=0.7",
         "psutil>=5.9",
         "grpcio>=1.50",
+        "protobuf>=5.26",
         "fastapi>=0.100",
         "uvicorn>=0.23",
         "sse-starlette>=1.6",
@@ -55,7 +65,11 @@ setup(
                              # daemonset/ checks: Kubernetes schemas, Prometheus Operator CRD models
                              # (their pytest plugin imports filelock)
                              "kubernetes-validate>=1.30", "cloudcoil.models.prometheus-operator>=0.80",
-                             "filelock>=3", "schemathesis>=3.19"]},
+                             "filelock>=3", "schemathesis>=3.19",
+                             # TLS tests make their own CA
+                             "cryptography>=41"],
+                    # exporter/proto/observer.proto -> Python at build time (make proto)
+                    "build": ["grpcio-tools>=1.50"]},
     entry_points={"console_scripts": ["meshlens=meshlens.exporter.cli:main"]},
     cmdclass={"build_py": BuildWithBpf},
 )

@@ -1,6 +1,8 @@
-"""`meshlens` command line: `run` starts the agent (standalone on this node) and its one
-HTTP port (metrics, REST API), `check` reports whether this kernel can run it, `config` prints
-the settings, and observe/stat/routes/edges/top/tap/servicemap query a running agent. The console-script entry point of the package."""
+"""`meshlens` command line: `run` starts the agent (standalone on this node), its one HTTP
+port (metrics, REST API) and optionally its gRPC Observer; `relay` merges every agent's flow
+stream; `check` reports whether this kernel can run it, `config` prints the settings, and
+observe/stat/routes/edges/top/tap/servicemap/status query a running agent or relay. The
+console-script entry point of the package."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +18,8 @@ from meshlens.agent.runner import Agent, AgentConfig, default_sources
 
 from pydantic import ValidationError
 
-from .config import ConfigError, Settings, add_config_arguments, print_defaults, resolve_run_args
+from .config import (ConfigError, Settings, add_config_arguments, add_relay_arguments, print_defaults, relay_settings,
+                     resolve_run_args)
 
 log = logging.getLogger("meshlens")
 
@@ -24,6 +27,9 @@ EPILOG = """examples:
   meshlens check                                 # can this node run the agent?
   meshlens run --metrics-addr 127.0.0.1:9433     # standalone agent, Prometheus on :9433
   curl -s 127.0.0.1:9433/metrics | grep meshlens_tcp_
+  meshlens run --grpc-listen 127.0.0.1:4244      # ... and the gRPC flow stream
+  meshlens relay --agents node-a:4244,node-b:4244 --listen 127.0.0.1:4245
+  meshlens observe --server grpc://127.0.0.1:4245 -f --namespace shop
 """
 
 
@@ -58,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(run)
     check = sub.add_parser("check", help="check that this kernel can run the agent")
     check.add_argument("--features", default="l4,l7,tc,sat", help="the capture layers to check for (as `run`)")
+    relay = sub.add_parser("relay", help="follow every agent's flow stream and serve them merged (gRPC Observer)",
+                           allow_abbrev=False)
+    add_relay_arguments(relay)
     cfg = sub.add_parser("config", help="print the settings file format")
     cfg.add_argument("--print-defaults", action="store_true", required=True,
                      help="print every setting with its default, as a file `run --config` reads")
@@ -109,15 +118,81 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"meshlens: cannot serve on {args.metrics_addr}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        observer = None
+        if args.settings.grpc_listen:
+            from meshlens.exporter.grpc.observer import serve_agent
+
+            try:
+                observer = serve_agent(agent, args.settings.node_name, args.settings.grpc_listen,
+                                       args.settings.grpc_tls(), pods_only=args.settings.grpc_pods_only,
+                                       queue_size=args.settings.grpc_queue_size)
+            except (OSError, RuntimeError, ValueError) as exc:
+                print(f"meshlens: cannot serve gRPC on {args.settings.grpc_listen}: {exc}", file=sys.stderr)
+                server.shutdown()
+                return 1
+            log.info("meshlens gRPC Observer on %s (node %s, TLS %s)", args.settings.grpc_listen,
+                     args.settings.node_name, "on" if args.settings.grpc_tls() else "off")
         log.info("meshlens running: metrics on http://%s/metrics, API on http://%s/api/v1 (auth %s)",
                  args.metrics_addr, args.metrics_addr, "on" if token else "off")
         agent.run(stop)
+        if observer is not None:
+            observer.stop()
         server.shutdown()
     finally:
         identity.stop()
         agent.stop()
         lock.release()
         log.info("meshlens stopped: all programs detached")
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from meshlens.exporter.grpc.observer import GrpcServer
+    from meshlens.exporter.grpc.relay import Relay, RelayConfig
+    from meshlens.exporter.grpc.relay_metrics import serve_metrics
+    from meshlens.exporter.http_server import parse_addr
+
+    try:
+        s = relay_settings(args)
+        tls = s.client_tls()
+        if tls is not None:
+            tls.credentials()               # unreadable files: one clear line now, not per reconnect
+    except (ConfigError, ValueError) as exc:
+        print(f"meshlens: {exc}", file=sys.stderr)
+        return 2
+    config = RelayConfig(agents=tuple(a for a in s.agents.split(",") if a), sort_window_s=s.sort_window,
+                         max_buffered=s.max_buffered, queue_size=s.queue_size, tls=tls)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    relay = Relay(config)
+    try:
+        server = GrpcServer(relay.servicer, s.listen, s.server_tls()).start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"meshlens: cannot serve gRPC on {s.listen}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        host, port = parse_addr(s.metrics_addr)
+        metrics, _ = serve_metrics(relay, host, port)
+    except OSError as exc:
+        server.stop()
+        print(f"meshlens: cannot serve metrics on {s.metrics_addr}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    relay.start(server.loop)        # one event loop for the agents' streams and the clients'
+    watcher = None
+    if s.agents_service:
+        from meshlens.exporter.grpc.discovery import service_agents
+
+        agents = service_agents(s.agents_service, s.kubeconfig)
+        watcher = threading.Thread(target=agents.run, args=(relay.sync, stop), name="relay-discovery", daemon=True)
+        watcher.start()
+    log.info("meshlens relay on %s (metrics on http://%s/metrics), following %s", s.listen, s.metrics_addr,
+             s.agents or f"the endpoints of {s.agents_service}")
+    while not stop.wait(1.0):
+        pass
+    relay.stop()
+    server.stop()
+    metrics.shutdown()  # type: ignore[attr-defined]
+    log.info("meshlens relay stopped")
     return 0
 
 
@@ -150,8 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.log_level != "DEBUG":
         logging.getLogger("meshlens.libbpf").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)   # it logs every request line at INFO
-    if args.cmd in ("run", "check", "config"):
-        return {"run": cmd_run, "check": cmd_check, "config": cmd_config}[args.cmd](args)
+    if args.cmd in ("run", "check", "config", "relay"):
+        return {"run": cmd_run, "check": cmd_check, "config": cmd_config, "relay": cmd_relay}[args.cmd](args)
     return args.func(args)
 
 

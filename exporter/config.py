@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Type
 
 import yaml
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from meshlens.agent.identity.resolver import DEFAULT_TTL_S, parse_cidr_names
@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     auth_token_file: Optional[Path] = Field(None, description="file holding the API bearer token")
     auth_token: Optional[SecretStr] = Field(None, description="API bearer token ($MESHLENS_AUTH_TOKEN or the file only)")
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="lock file directory (one agent per node)")
+    # the gRPC Observer (exporter/grpc/observer.py)
+    grpc_listen: str = Field("", description="HOST:PORT of the gRPC Observer (flow stream); empty = off")
+    grpc_tls_cert: Optional[Path] = Field(None, description="PEM certificate of the gRPC port (TLS on when set)")
+    grpc_tls_key: Optional[Path] = Field(None, description="PEM private key of grpc_tls_cert")
+    grpc_tls_client_ca: Optional[Path] = Field(None, description="PEM CA that signs client certificates "
+                                                                 "(mTLS: clients without one are refused)")
+    grpc_queue_size: PositiveInt = Field(4096, description="flows queued per gRPC client; a client that falls "
+                                                           "further behind gets a lost_events count instead")
+    grpc_pods_only: bool = Field(False, description="the flow stream carries only events whose local end is a "
+                                                    "pod the identity view names (leaves host processes out)")
     # what runs
     features: str = Field("l4,l7,tc,sat", description="capture layers: l4 (always on), l7, tc, sat")
     l7_source: Literal["auto", "packets", "syscalls"] = Field(
@@ -95,6 +105,28 @@ class Settings(BaseSettings):
     def _addr(cls, v: str) -> str:
         parse_addr(v)
         return v
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _grpc_addr(cls, v: str) -> str:
+        if v:
+            parse_addr(v)
+        return v
+
+    @field_validator("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca")
+    @classmethod
+    def _pem_file(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a readable file")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key go together")
+        if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:
+            raise ValueError("grpc_tls_client_ca (mTLS) needs grpc_tls_cert and grpc_tls_key")
+        return self
 
     @field_validator("features")
     @classmethod
@@ -167,6 +199,14 @@ class Settings(BaseSettings):
             http=HttpConfig(conns_max_entries=self.http_conns_map_size, stats_max_entries=self.http_stats_map_size,
                             sample_every=self.http_sample_every),
         )
+
+    def grpc_tls(self) -> Any:
+        """The gRPC port's ServerTls, or None for plain text."""
+        if self.grpc_tls_cert is None or self.grpc_tls_key is None:
+            return None
+        from .grpc.tls import ServerTls
+
+        return ServerTls(self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca)
 
     def namespace_filter(self, view: Any) -> Any:
         """`view` wrapped so that left-out namespaces are not exported (unchanged if none)."""
@@ -257,6 +297,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("namespaces_include", "namespaces_exclude"):
         field = Settings.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", default=field.default, metavar="NS,...", help=field.description)
+    g = parser.add_argument_group("gRPC Observer (flow stream)")
+    for name in ("grpc_listen", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca", "grpc_queue_size"):
+        field = Settings.model_fields[name]
+        kind = int if isinstance(field.default, int) else str
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default, help=field.description)
+    g.add_argument("--grpc-pods-only", action="store_true", default=False,
+                   help=Settings.model_fields["grpc_pods_only"].description)
     for name in ("history_interval", "history_length", "max_series", "external_peers_per_workload", "peer_rerank_interval", "http_sample_every", "http_conns_map_size",
                  "http_stats_map_size"):
         field = Settings.model_fields[name]
@@ -271,3 +318,107 @@ def print_defaults() -> str:
         return Settings().defaults_yaml()
     finally:
         os.environ.update(saved)
+
+
+# ---- `meshlens relay` ----------------------------------------------------------------------
+
+class RelaySettings(BaseModel):
+    """`meshlens relay` settings (flags, or MESHLENS_RELAY_* in the environment for the list)."""
+
+    model_config = {"extra": "forbid"}
+
+    listen: str = Field("127.0.0.1:4245", description="HOST:PORT of the relay's Observer API")
+    metrics_addr: str = Field("127.0.0.1:9435", description="HOST:PORT of the relay's /metrics")
+    agents: str = Field("", description="agents to follow: HOST:PORT,... (their --grpc-listen)")
+    agents_service: str = Field("", description="or the agents' headless Service: [NAMESPACE/]NAME:PORT, its "
+                                               "endpoints read through the Kubernetes API")
+    kubeconfig: Optional[str] = Field(None, description="kubeconfig for --agents-service (default: in-cluster)")
+    sort_window: PositiveFloat = Field(2.0, description="seconds flows are held to merge the streams in time order")
+    max_buffered: PositiveInt = Field(100_000, description="flows the sort window holds at most")
+    queue_size: PositiveInt = Field(8192, description="flows queued per client of the relay")
+    # to the agents
+    tls_ca: Optional[Path] = Field(None, description="PEM CA the agents' certificates must be signed by (TLS on)")
+    tls_cert: Optional[Path] = Field(None, description="PEM client certificate for agents that ask (mTLS)")
+    tls_key: Optional[Path] = Field(None, description="PEM key of --tls-cert")
+    tls_server_name: Optional[str] = Field(None, description="name the agents' certificates carry, if not their address")
+    # its own port
+    grpc_tls_cert: Optional[Path] = Field(None, description="PEM certificate of the relay's port (TLS on when set)")
+    grpc_tls_key: Optional[Path] = Field(None, description="PEM key of --grpc-tls-cert")
+    grpc_tls_client_ca: Optional[Path] = Field(None, description="PEM CA of client certificates (mTLS)")
+
+    @field_validator("listen", "metrics_addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        parse_addr(v)
+        return v
+
+    @field_validator("agents")
+    @classmethod
+    def _agents(cls, v: str) -> str:
+        items = [a.strip() for a in v.split(",") if a.strip()]
+        for a in items:
+            parse_addr(a)
+        return ",".join(items)
+
+    @field_validator("agents_service")
+    @classmethod
+    def _service(cls, v: str) -> str:
+        if v:
+            from .grpc.discovery import parse_service
+
+            parse_service(v)
+        return v
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca")
+    @classmethod
+    def _pem(cls, v: Optional[Path]) -> Optional[Path]:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a readable file")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RelaySettings":
+        if not self.agents and not self.agents_service:
+            raise ValueError("give --agents HOST:PORT,... or --agents-service [NAMESPACE/]NAME:PORT")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("--grpc-tls-cert and --grpc-tls-key go together")
+        return self
+
+    def client_tls(self) -> Any:
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        from .grpc.tls import ClientTls
+
+        return ClientTls(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
+
+    def server_tls(self) -> Any:
+        if self.grpc_tls_cert is None or self.grpc_tls_key is None:
+            return None
+        from .grpc.tls import ServerTls
+
+        return ServerTls(self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca)
+
+
+def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, field in RelaySettings.model_fields.items():
+        kind = {int: int, float: float}.get(type(field.default), str)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=field.default, help=field.description)
+
+
+def relay_settings(args: argparse.Namespace) -> RelaySettings:
+    """RelaySettings from parsed flags; ConfigError naming each bad one."""
+    given = {k: getattr(args, k) for k in RelaySettings.model_fields if getattr(args, k, None) is not None}
+    env_agents = os.environ.get("MESHLENS_RELAY_AGENTS")
+    if env_agents and not given.get("agents"):
+        given["agents"] = env_agents
+    try:
+        return RelaySettings(**given)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"--{field.replace('_', '-')}: {msg}" if field else msg)
+        raise ConfigError("; ".join(parts)) from None

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 import yaml
 
 DAEMONSET_DIR = Path(__file__).resolve().parents[1] / "daemonset"
-MANIFESTS = ("namespace.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml", "servicemonitor.yaml",
+MANIFESTS = ("namespace.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml", "relay.yaml", "servicemonitor.yaml",
              "podmonitor.yaml", "prometheusrule.yaml")
 
 # PromQL words that are not metric names (functions, aggregations, keywords)

@@ -1,6 +1,8 @@
-"""The client subcommands of `meshlens`: observe, stat, routes, edges, top, tap, servicemap.
-Each queries a running agent (--server, default the local agent at 127.0.0.1:9433) and
-prints a table (exporter/client/render.py) or, with `-o json`, the API's JSON.
+"""The client subcommands of `meshlens`: observe, stat, routes, edges, top, tap, servicemap,
+status. Each queries a running agent (--server, default the local agent at 127.0.0.1:9433)
+and prints a table (exporter/client/render.py) or, with `-o json`, the API's JSON.
+`observe --server grpc://HOST:PORT` (or grpcs://) and `status` use the gRPC Observer of
+an agent or the relay instead (exporter/client/grpc_client.py).
 
 Place in the data flow: exporter/cli.py registers these; they call exporter/client/http.py.
 """
@@ -13,6 +15,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from meshlens.exporter.client import render
+from meshlens.exporter.client.grpc_client import DEFAULT_GRPC_SERVER, add_tls_arguments, is_grpc
+from meshlens.exporter.client.grpc_client import observe as grpc_observe
+from meshlens.exporter.client.grpc_client import status as grpc_status
 from meshlens.exporter.client.http import DEFAULT_SERVER, AgentClient, ClientError, read_token
 
 
@@ -46,14 +51,28 @@ def _filter_params(a: argparse.Namespace) -> Dict[str, Any]:
 
 
 def add_client_commands(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser("observe", help="per-pod flows from the running agent (like hubble observe)")
+    p = sub.add_parser("observe", help="per-pod flows from the running agent (like hubble observe); with "
+                                        "--server grpc://HOST:PORT the flow stream of an agent or the relay")
     _common(p)
     _flow_filters(p)
     p.add_argument("--protocol", choices=["tcp", "udp", "http", "dns"])
     p.add_argument("--since", help="RFC 3339 or relative (5m); default: since the agent started")
     p.add_argument("--until")
     p.add_argument("--last", type=int, default=1000, help="at most this many flows (pages followed)")
+    g = p.add_argument_group("gRPC only (--server grpc://HOST:PORT or grpcs://)")
+    g.add_argument("-f", "--follow", action="store_true", help="keep streaming new flows")
+    g.add_argument("--first", action="store_true", help="the oldest --last flows instead of the newest")
+    g.add_argument("--node-name", help="flows observed by this node")
+    g.add_argument("--type", choices=["l4", "l7"], help="connection events (l4) or HTTP exchanges (l7)")
+    add_tls_arguments(p)
     p.set_defaults(func=cmd_observe)
+
+    p = sub.add_parser("status", help="flow stream status of an agent or the relay (gRPC ServerStatus, GetNodes)")
+    p.add_argument("--server", default=None, help=f"HOST:PORT, grpc:// or grpcs:// (default {DEFAULT_GRPC_SERVER}, "
+                                                  "the relay)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    add_tls_arguments(p)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("stat", help="golden signals per workload (like linkerd viz stat)")
     _common(p)
@@ -121,6 +140,16 @@ def _dump(obj: Any, out: TextIO) -> None:
 
 
 def cmd_observe(a: argparse.Namespace) -> int:
+    if is_grpc(a.server):
+        params = dict(_filter_params(a), protocol=a.protocol, node_name=a.node_name,
+                      type={"l4": "L4", "l7": "L7", None: None}[a.type])
+        return grpc_observe(a, params, sys.stdout)
+    for flag in ("follow", "first", "node_name", "type"):
+        if getattr(a, flag):
+            print(f"meshlens: --{flag.replace('_', '-')} needs the flow stream: --server grpc://HOST:PORT",
+                  file=sys.stderr)
+            return 2
+
     def body(c: AgentClient, out: TextIO) -> None:
         window, flows = c.flows_all(a.last, since=a.since, until=a.until, protocol=a.protocol, **_filter_params(a))
         if a.output == "json":
@@ -128,6 +157,10 @@ def cmd_observe(a: argparse.Namespace) -> int:
         else:
             out.write(render.flows_table(flows))
     return _run(a, body)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    return grpc_status(a, sys.stdout)
 
 
 def _resource_params(resource: Optional[str]) -> Dict[str, Optional[str]]:

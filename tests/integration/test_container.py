@@ -131,6 +131,7 @@ def agent_container(image: str) -> Iterator[tuple[Container, str]]:
     addr = f"127.0.0.1:{free_port()}"
     args = replace_flag(agent["args"], "--metrics-addr", addr)
     args = replace_flag(args, "--kubernetes", "off")  # no API server on this machine
+    args = replace_flag(args, "--grpc-listen", f"127.0.0.1:{free_port()}")
     ctr = make_container(spec, AGENT, args=args)
     try:
         yield ctr.start(), addr

@@ -120,7 +120,9 @@ def test_commands_parse_with_the_cli() -> None:
     assert checked.cmd == "check" and checked.features == args.features  # check what runs
     assert args.cmd == "run" and args.metrics_addr == "0.0.0.0:9433" and args.kubernetes == "on"
     port = int(args.metrics_addr.rsplit(":", 1)[1])
-    assert agent["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    grpc_port = int(args.grpc_listen.rsplit(":", 1)[1])
+    assert agent["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"},
+                              {"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}]
     state = next(m for m in agent["volumeMounts"] if m["name"] == "state")
     assert str(args.state_dir) == state["mountPath"]
     setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
@@ -190,3 +192,34 @@ def test_dashboard_has_the_sections_and_variables() -> None:
             assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
             if "Golden" in p["title"] or "TCP" in p["title"]:
                 assert all("$namespace" in t["expr"] for t in p["targets"])
+
+
+def test_relay_follows_the_agents_service() -> None:
+    """relay.yaml: its command parses with the real CLI, --agents-service names the headless
+    Service's gRPC port (which targets the agent's), and its Role grants only what
+    exporter/grpc/discovery.py calls (list EndpointSlices, in this namespace)."""
+    from meshlens.exporter.config import relay_settings
+    from meshlens.exporter.grpc.discovery import parse_service
+
+    docs = {d["kind"]: d for d in documents("relay.yaml") if d["kind"] != "Service"}
+    (relay_svc,) = [d for d in documents("relay.yaml") if d["kind"] == "Service"]
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["meshlens", "relay"]
+    s = relay_settings(_parser().parse_args(c["command"][1:] + c["args"]))
+    ns, name, port = parse_service(s.agents_service)
+    (svc,) = documents("service.yaml")
+    assert (ns, name) == (svc["metadata"]["namespace"], svc["metadata"]["name"]) and svc["spec"]["clusterIP"] == "None"
+    grpc = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["port"] == port and grpc["targetPort"] == "grpc"
+    assert any(p["name"] == "grpc" for p in _agent()["ports"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": int(s.listen.rsplit(":", 1)[1]), "metrics": int(s.metrics_addr.rsplit(":", 1)[1])}
+    assert {p["targetPort"] for p in relay_svc["spec"]["ports"]} == set(ports)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"]
+    assert docs["Role"]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                                      "verbs": ["list"]}]
+    assert docs["Role"]["metadata"]["namespace"] == ns
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["RoleBinding"]["subjects"][0]["name"] == pod["serviceAccountName"]

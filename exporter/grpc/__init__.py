@@ -1,0 +1,1 @@
+"""The gRPC Observer: the flow stream every agent serves and the relay that merges them."""

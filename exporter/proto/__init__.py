@@ -1,0 +1,1 @@
+"""observer.proto and the Python modules `make proto` generates from it (not committed)."""
