@@ -312,7 +312,13 @@ static __always_inline int starts_message(struct __sk_buff *skb, __u32 off, __u3
 
 	if (len < 4)
 		n = len;
-	if (n == 0 || bpf_skb_load_bytes(skb, off, &w, n & 7 ? n & 7 : 8))
+	if (n == 0)
+		return 0;
+	/* The size in a form every verifier bounds to [1, 8]. 6.1's does not learn n >= 1 from
+	 * `n != 0` (newer ones do), so `n & 7 ? n & 7 : 8` was a possibly zero-sized read to
+	 * it; the barrier keeps clang from folding the mask away (it knows n <= 8). */
+	barrier_var(n);
+	if (bpf_skb_load_bytes(skb, off, &w, ((n - 1) & 7) + 1))
 		return 0;
 	return ml_start_kind(w, n, strict);
 }
