@@ -21,7 +21,7 @@ BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf/include -Wall -We
 APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light iperf3 \
             dnsmasq-base wrk prometheus curl python3-venv procps bpfcc-tools \
             iputils-ping qemu-system-x86 busybox-static kmod podman runc catatonit conmon \
-            containernetworking-plugins debootstrap uidmap chromium
+            containernetworking-plugins debootstrap uidmap chromium bind9-dnsutils
 
 METRICS_ADDR ?= 127.0.0.1:9433
 PYTEST_ARGS  ?=

@@ -545,6 +545,7 @@ static __always_inline void dns_one(struct l7_args *a, __u64 msghdr, __u64 ptr, 
 	e->len = n;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->sk = key;
+	e->duration_ns = 0;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->tgid = bpf_get_current_pid_tgid() >> 32;
 	e->dir = a->is_write ? ML_DNS_QUERY : ML_DNS_RESPONSE;

@@ -93,6 +93,7 @@ struct ml_path_event {
 enum ml_dns_dir {
 	ML_DNS_QUERY = 1,    /* sent by the local process */
 	ML_DNS_RESPONSE = 2, /* received by the local process */
+	ML_DNS_ANSWERED = 3, /* packet path: a response the kernel paired with its query (duration_ns) */
 };
 
 struct ml_dns_event {
@@ -100,6 +101,7 @@ struct ml_dns_event {
 	__u32 len;           /* payload bytes copied */
 	__u64 ts_ns;
 	__u64 sk;            /* socket pointer: pairs queries with responses, with the txid */
+	__u64 duration_ns;   /* ML_DNS_ANSWERED: query -> response at the pod's veth; else 0 */
 	__u64 cgroup_id;
 	__u32 netns;
 	__u32 tgid;
@@ -143,8 +145,12 @@ enum ml_l7_counter {
 	ML_L7_PKT_GAP_IN_BODY = 25,    /* gaps inside a body of known length: skipped by arithmetic */
 	ML_L7_PKT_RESYNC = 26,         /* desynchronised streams resumed at a request/status line */
 	ML_L7_PKT_UNPARSED = 27,       /* frames whose headers could not be parsed down to L4 */
-	ML_L7_PKT_DNS_TCP_SKIPPED = 28,/* reserved */
-	ML_L7_CNT_MAX = 32,
+	ML_L7_DNS_QUERIES = 28,        /* packet path: DNS queries seen (UDP, or TCP at a segment start) */
+	ML_L7_DNS_UNMATCHED = 29,      /* packet path: responses no waiting query asked (id, tuple, question) */
+	ML_L7_DNS_PENDING_FULL = 30,   /* packet path: no room to wait for the answer: counted unanswered */
+	ML_L7_DNS_MALFORMED = 31,      /* packet path: a message to/from port 53 whose question is unreadable */
+	ML_L7_DNS_TCP_SKIPPED = 32,    /* packet path: TCP port-53 segments that start no message (continuations) */
+	ML_L7_CNT_MAX = 40,
 };
 
 #pragma clang diagnostic pop

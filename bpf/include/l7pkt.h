@@ -28,6 +28,23 @@ struct ml_pkt_conn_key {
 	__u8 _pad[3];
 };
 
+/* Key of `dns_pending`: a DNS query the pod sent, waiting at its veth for the answer. */
+struct ml_dns_pending_key {
+	struct ml_pkt_conn_key conn;  /* the pod's side of the exchange, as for HTTP */
+	__u16 txid;                   /* DNS message id */
+	__u8 proto;                   /* IPPROTO_UDP or IPPROTO_TCP */
+	__u8 _pad;
+};
+
+/* Value of `dns_pending`. The agent's sweep deletes entries older than its timeout and
+ * counts them unanswered. */
+struct ml_dns_pending {
+	__u64 ts_ns;   /* bpf_ktime_get_ns() when the query crossed the veth */
+	__u32 qhash;   /* FNV-1a of the question (name, type, class): the answer must repeat it */
+	__u16 qlen;    /* its length */
+	__u16 _pad;
+};
+
 #pragma clang diagnostic pop
 
 #endif

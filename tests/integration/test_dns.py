@@ -1,16 +1,19 @@
 """DNS lookups against ground truth: dnsmasq with known records in pod "dns", clients in pod
-"client" (a plain UDP client, and glibc's resolver, which sends A+AAAA with sendmmsg).
-Counts per (question type, response code) must be exact; filtered to the client pod."""
+"client" (a plain UDP client, glibc's resolver, which sends A+AAAA with sendmmsg, and
+`dig +tcp` for DNS over TCP). Counts per (question type, response code) must be exact;
+filtered to the client pod."""
 from __future__ import annotations
 
 import collections
 import os
+import shutil
 import tempfile
 from typing import Dict, Iterator, Tuple
 
 import pytest
 
 from meshlens.agent.sources.l7.http import HttpSource
+from meshlens.agent.sources.l7.packets import PacketHttpSource
 from tests.integration.l7_helpers import L7_SOURCES, dns_series, settle, started_source
 from tests.integration.pods import Node
 from tests.integration.servers import Dnsmasq, dns_query
@@ -96,3 +99,34 @@ def test_ipv6_server(l7, env) -> None:
     settle(l7)
     assert delta(counts(l7, client), before) == {("AAAA", "NoError"): 1}
     assert any(k.server_address == dns_pod.ipv6 for k in dns_series(l7.dns.snapshot(), client))
+
+
+def test_dns_over_tcp_from_packets(l7, env) -> None:
+    """dig +tcp (BIND's client): each lookup on its own TCP connection, the message after its
+    2-byte length at the start of a segment; paired in the kernel, exact per (type, rcode)."""
+    if not isinstance(l7, PacketHttpSource):
+        pytest.skip("DNS over TCP is parsed on the packet path only (docs/l7.md)")
+    if shutil.which("dig") is None:
+        pytest.fail("dig not installed (Debian package bind9-dnsutils; `make deps` installs it)")
+    dns_pod, client, dnsmasq = env
+    settle(l7, 0.1)
+    before = counts(l7, client)
+    n_log = len(dnsmasq.query_log())
+    k0 = l7.kernel_counters()
+    asked = [("web.meshlens.test", "A")] * 3 + [("db.meshlens.test", "AAAA")] * 2 + \
+            [("nope.meshlens.test", "A")] * 2 + [("db.meshlens.test", "A")]
+    statuses = collections.Counter()
+    for name, qtype in asked:
+        out = client.run(["dig", "+tcp", "+tries=1", "+time=3", "-p", "53", f"@{dns_pod.ipv4}", name, qtype],
+                         timeout=20).stdout
+        statuses[out.split("status: ", 1)[1].split(",", 1)[0]] += 1
+    settle(l7)
+    assert statuses == {"NOERROR": 6, "NXDOMAIN": 2}, statuses
+    assert len(dnsmasq.query_log()) - n_log == len(asked)
+    assert delta(counts(l7, client), before) == {("A", "NoError"): 4, ("AAAA", "NoError"): 2,
+                                                  ("A", "NXDomain"): 2}
+    k1 = l7.kernel_counters()
+    assert k1["dns_queries"] - k0["dns_queries"] == len(asked)
+    assert k1["dns_unmatched"] == k0["dns_unmatched"] and k1["dns_malformed"] == k0["dns_malformed"]
+    series = dns_series(l7.dns.snapshot(), client)
+    assert all(st.duration.count == st.count for st in series.values())

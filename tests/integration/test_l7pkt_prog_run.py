@@ -20,7 +20,8 @@ import pytest
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.libbpf import num_possible_cpus
-from meshlens.agent.sources.l7.structs import COUNTER_NAMES, METHOD_NAMES, MlHttpKey, MlHttpVal, MlPktIface
+from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, MlDnsEvent,
+                                               MlHttpKey, MlHttpVal, MlPktIface)
 from tests.integration import tc_packets as pk
 
 TC_ACT_UNSPEC = 0xFFFFFFFF
@@ -70,7 +71,7 @@ class Harness:
         return req, resp
 
     def reset(self) -> None:
-        for name in ("http_stats", "pkt_conns"):
+        for name in ("http_stats", "pkt_conns", "dns_pending"):
             m = self.obj.map(name)
             for k in list(m.keys_raw()):
                 m.delete_raw(k)
@@ -337,3 +338,71 @@ def test_ipv6_exchange(h: Harness) -> None:
     assert h.requests() == {(2, "GET", 200, 8080): 1}
     (k,) = [MlHttpKey.from_buffer_copy(k) for k, _ in h.obj.map("http_stats").items_raw()]
     assert bytes(k.server_addr) == ipaddress.IPv6Address(peer).packed
+
+
+# ---- DNS, paired in the kernel -------------------------------------------------------------
+
+
+def dns_msg(txid: int, name: str, qtype: int = 1, response: bool = False, rcode: int = 0) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p)
+    flags = (0x8180 | rcode) if response else 0x0100
+    return struct.pack("!HHHHHH", txid, flags, 1, 1 if response else 0, 0, 0) + labels + b"\x00" + \
+        struct.pack("!HH", qtype, 1) + (b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x0a\x01\x02\x03" if response else b"")
+
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    return pk.ethernet(0x0800) + pk.ipv4_header(src, dst, 17, 8 + len(payload)) + \
+        pk.udp_header(sport, dport, len(payload)) + payload
+
+
+def dns_answers(h: Harness) -> list:
+    """The ML_EV_DNS records waiting in the ring buffer (consumed)."""
+    got: list = []
+    rb = bpf.RingBuffer(h.obj.map("l7_events"),
+                        lambda data: got.append(MlDnsEvent.from_buffer_copy(data))
+                        if int.from_bytes(data[:4], "little") == EV_DNS else None)
+    try:
+        rb.consume()
+    finally:
+        rb.free()
+    return got
+
+
+def test_dns_udp_paired_once_in_the_kernel(h: Harness) -> None:
+    dns_answers(h)
+    c0 = h.counters()
+    q = dns_msg(0x1234, "web.meshlens.test", 28)
+    h.run(h.out, udp(POD, PEER, 40001, 53, q))                                            # the pod asks
+    h.run(h.into, udp(PEER, POD, 53, 40001, dns_msg(0x1234, "other.test", 28, True)))      # another question
+    h.run(h.into, udp(PEER, POD, 53, 40002, dns_msg(0x1234, "web.meshlens.test", 28, True)))  # another port
+    h.run(h.into, udp(PEER, POD, 53, 40001, dns_msg(0x1234, "web.meshlens.test", 1, True)))   # another type
+    h.run(h.into, udp(PEER, POD, 53, 40001, dns_msg(0x1234, "web.meshlens.test", 28, True, 3)))  # the answer
+    h.run(h.into, udp(PEER, POD, 53, 40001, dns_msg(0x1234, "web.meshlens.test", 28, True, 3)))  # again
+    h.run(h.out, udp(POD, PEER, 40001, 53, b"\x00" * 11))                                   # too short
+    h.run(h.out, udp(POD, PEER, 40001, 53, q[:12] + b"\xc0\x0c" + q[-4:]))                  # compressed question
+    h.run(h.out, udp(POD, PEER, 40001, 53, dns_msg(7, "x.test", 1, True)))                 # a "query" with QR set
+    h.run(h.into, udp(PEER, POD, 40001, 9999, q))                                            # not DNS: ignored
+    c1 = h.counters()
+    d = {n: c1[n] - c0[n] for n in ("dns_queries", "dns_unmatched", "dns_malformed", "dns_events", "dns_pending_full")}
+    assert d == {"dns_queries": 1, "dns_unmatched": 4, "dns_malformed": 3, "dns_events": 1, "dns_pending_full": 0}
+    ev = dns_answers(h)
+    assert len(ev) == 1 and ev[0].dir == DNS_ANSWERED and ev[0].server_port == 53 and ev[0].netns == NETNS
+    assert ev[0].payload[3] & 0xF == 3 and ev[0].len == len(dns_msg(1, "web.meshlens.test", 28, True))
+    assert list(h.obj.map("dns_pending").keys_raw()) == []   # answered: no longer waiting
+
+
+def test_dns_tcp_where_the_message_starts_a_segment(h: Harness) -> None:
+    dns_answers(h)
+    c0 = h.counters()
+    q, a = dns_msg(77, "db.meshlens.test", 1), dns_msg(77, "db.meshlens.test", 1, True)
+    h.run(h.out, frame(POD, PEER, 40100, 53, 1000, SYN))
+    h.run(h.out, frame(POD, PEER, 40100, 53, 1001, ACK | PSH, struct.pack("!H", len(q)) + q))
+    h.run(h.into, frame(PEER, POD, 53, 40100, 5001, ACK | PSH, struct.pack("!H", len(a)) + a[:40]))  # starts it
+    h.run(h.into, frame(PEER, POD, 53, 40100, 5043, ACK | PSH, a[40:]))                              # the rest
+    h.run(h.out, frame(POD, PEER, 40100, 53, 1003 + len(q), FIN | ACK))
+    c1 = h.counters()
+    d = {n: c1[n] - c0[n] for n in ("dns_queries", "dns_unmatched", "dns_events", "dns_tcp_skipped")}
+    assert d == {"dns_queries": 1, "dns_unmatched": 0, "dns_events": 1, "dns_tcp_skipped": 1}, d
+    ev = dns_answers(h)
+    assert len(ev) == 1 and ev[0].dir == DNS_ANSWERED and ev[0].len == 40
+    assert not h.requests(), "port-53 TCP is not HTTP"

@@ -186,6 +186,10 @@ def http_section(node: Node, agent: AgentProcess) -> Report:
         # (headers + bodies; /bytes bodies through sendfile).
         "server_tcp_sent_bytes": sum(e["bytes_sent"] for e in entries),
         "server_tcp_received_bytes": sum(e["request_length"] for e in entries),
+        # pod traffic is parsed from packets in `auto` (the agent's default): a series from the
+        # packet path names no process, one from the syscall path does. All on the first.
+        "server_requests_from_packets": len(entries),
+        "client_requests_from_packets": sum(seen.values()),
     }
 
     def by_status(m: Scrape, name: str, match: Dict[str, str]) -> Dict[str, int]:
@@ -205,6 +209,10 @@ def http_section(node: Node, agent: AgentProcess) -> Report:
             # has no socket, hence no cgroup; each test pod has a network namespace of its own
             "client_requests_by_status": by_status(m, "http_client_request_duration_seconds_count",
                                                    {"netns": _of(cli)["netns"]}),
+            "server_requests_from_packets": m.total("http_server_request_duration_seconds_count",
+                                                    netns=_of(web)["netns"], server_port="80", process=""),
+            "client_requests_from_packets": m.total("http_client_request_duration_seconds_count",
+                                                    netns=_of(cli)["netns"], process=""),
             "server_tcp_sent_bytes": m.total("meshlens_tcp_sent_bytes_total", **inb),
             "server_tcp_received_bytes": m.total("meshlens_tcp_received_bytes_total", **inb),
         }

@@ -81,6 +81,18 @@ def test_smoke_counts_equal_ground_truth(report: Report) -> None:
     assert retrans > 0, "the loss rule should have forced retransmits"
 
 
+def test_pod_http_is_parsed_from_packets(report: Report) -> None:
+    """Both kernels load l7pkt.bpf.o: `auto` parses pod traffic from packets, and the smoke's
+    HTTP section (nginx's access log) was counted by that path alone."""
+    attach = report["check"]["attach"]
+    assert attach["http/l7_pod_traffic"].startswith("packets (tc on pod veths)"), \
+        report["check"]["output"]
+    http = report["sections"]["http"]
+    assert http["truth"]["server_requests_from_packets"] == sum(n for _, n in smoke.HTTP_REQUESTS)
+    assert http["meshlens"]["server_requests_from_packets"] == http["truth"]["server_requests_from_packets"]
+    assert http["meshlens"]["client_requests_from_packets"] == http["truth"]["client_requests_from_packets"]
+
+
 def test_guest_uses_the_fentry_variants(report: Report) -> None:
     if not report["kernel"].startswith("6.1."):
         pytest.skip(f"kernel {report['kernel']}: the expected attach points are pinned for Debian's 6.1 only")

@@ -14,6 +14,7 @@ from meshlens.agent.sources.l7.dns import DnsTracker
 from meshlens.agent.sources.histogram import Histogram
 from meshlens.agent.sources.l7.http import HttpSeriesKey, HttpSnapshot, HttpSource, HttpStats
 from meshlens.agent.sources.l7.structs import (
+    DNS_ANSWERED,
     DNS_QUERY,
     DNS_RESPONSE,
     DURATION_BOUNDS_S,
@@ -58,6 +59,23 @@ def test_dns_pairs_by_socket_and_txid_and_times() -> None:
     assert snap.unmatched_responses == 1
     k = next(iter(snap.series))
     assert (k.server_address, k.server_port, k.process, k.question_name) == ("10.0.0.53", 53, "getent", "a.test.")
+
+
+def test_dns_paired_in_the_kernel_and_kernel_counts() -> None:
+    """Packet path: the kernel sends answered lookups only, with their latency; its counts of
+    queries, unmatched, malformed and unanswered add to the tracker's own."""
+    t = DnsTracker()
+    ev = dns_event(DNS_ANSWERED, dns_msg(5, "b.test", 28, True, 3, 0), 9_000_000, cgroup=0)
+    ev.duration_ns = 1_500_000
+    t.on_event(ev)
+    t.on_event(dns_event(DNS_ANSWERED, dns_msg(6, "b.test", 28), 9_000_000, cgroup=0))  # not a response
+    t.kernel_totals("pkt", {"queries": 7, "unmatched": 2, "malformed": 1, "unanswered": 3})
+    t.kernel_totals("pkt", {"queries": 9, "unmatched": 2, "malformed": 1, "unanswered": 4})  # cumulative: replaces
+    snap = t.snapshot()
+    got = {(k.question_type, k.response_code, k.question_name, k.process): (st.count, st.duration.total)
+           for k, st in snap.series.items()}
+    assert got == {("AAAA", "NXDomain", "b.test.", ""): (1, 0.0015)}
+    assert (snap.queries, snap.unmatched_responses, snap.malformed, snap.unanswered) == (9, 2, 2, 4)
 
 
 def test_dns_timeouts_and_bounds() -> None:

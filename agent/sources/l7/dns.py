@@ -5,6 +5,11 @@ l7.bpf.c `l7_events` (ML_EV_DNS records, read by agent/sources/l7/http.HttpSourc
 -> exporter/prometheus/dns.py. DnsSource is the "dns" area's Source: a view over the tracker
 that the HTTP source feeds, so the one BPF object is loaded once.
 
+The packet path (l7pkt.bpf.c) pairs in the kernel: only answered lookups arrive
+(DNS_ANSWERED, with the latency), and its counts of queries, unmatched and malformed messages
+come from kernel counters (`kernel_totals`); agent/sources/l7/packets.py expires its queries
+that wait too long and counts them here as unanswered.
+
 Bounded: at most `max_pending` queries wait for a response (older ones are expired after
 `timeout_s` or evicted, both counted as unanswered); question names per workload are capped.
 """
@@ -19,7 +24,7 @@ from typing import Callable, Dict, Hashable, List, Tuple
 from meshlens.agent.kernel import bpf
 from meshlens.agent.sources.l7.dns_wire import DnsMessage, parse
 from meshlens.agent.sources.histogram import Histogram
-from meshlens.agent.sources.l7.structs import DNS_QUERY, DNS_RESPONSE, MlDnsEvent
+from meshlens.agent.sources.l7.structs import DNS_ANSWERED, DNS_QUERY, DNS_RESPONSE, MlDnsEvent
 from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
 from meshlens.agent.sources.tcp.structs import format_addr
 
@@ -82,6 +87,16 @@ class DnsTracker:
         self.unmatched = 0
         self.queries = 0
         self.series_overflow = 0
+        # per feeding source: cumulative kernel counts ("queries", "unmatched", "malformed",
+        # "unanswered") of a path that pairs in the kernel
+        self._kernel: Dict[Hashable, Dict[str, int]] = {}
+
+    def kernel_totals(self, source: Hashable, totals: Dict[str, int]) -> None:
+        """The latest cumulative kernel counts of `source` (replaces its previous ones)."""
+        self._kernel[source] = dict(totals)
+
+    def _kernel_sum(self, name: str) -> int:
+        return sum(t.get(name, 0) for t in self._kernel.values())
 
     def on_event(self, ev: MlDnsEvent) -> None:
         msg = parse(bytes(ev.payload)[: min(ev.len, len(ev.payload))])
@@ -89,7 +104,14 @@ class DnsTracker:
             self.malformed += 1
             return
         key = (ev.sk, msg.txid)
-        if ev.dir == DNS_QUERY and not msg.is_response:
+        if ev.dir == DNS_ANSWERED:
+            # paired by the kernel with a query of the same id, tuple and question
+            if not msg.is_response:
+                self.malformed += 1
+                return
+            meta = ("", ev.cgroup_id, ev.netns, format_addr(ev.family, ev.server_addr), ev.server_port)
+            self._observe(_Pending(ev.ts_ns - ev.duration_ns, msg, meta), msg, ev.duration_ns / 1e9)
+        elif ev.dir == DNS_QUERY and not msg.is_response:
             self.queries += 1
             meta = (ev.comm.decode("utf-8", "replace"), ev.cgroup_id, ev.netns,
                     format_addr(ev.family, ev.server_addr), ev.server_port)
@@ -143,7 +165,10 @@ class DnsTracker:
         series = {}
         for k, st in self._series.items():
             series[k] = DnsStats(st.count, st.answers, st.duration.copy())
-        return DnsSnapshot(series, self.unanswered, self.malformed, self.unmatched, self.queries)
+        return DnsSnapshot(series, self.unanswered + self._kernel_sum("unanswered"),
+                           self.malformed + self._kernel_sum("malformed"),
+                           self.unmatched + self._kernel_sum("unmatched"),
+                           self.queries + self._kernel_sum("queries"))
 
 
 class DnsSource(Source):
@@ -171,11 +196,12 @@ class DnsSource(Source):
 
     def health(self) -> SourceHealth:
         t = self.tracker
+        snap = t.snapshot()
         k = self.feeder.kernel_counters() if hasattr(self.feeder, "kernel_counters") else {}
         return SourceHealth(
-            events_read={"dns": t.queries},
-            events_lost={"unanswered": t.unanswered, "malformed": t.malformed,
-                         "unmatched_response": t.unmatched, "series_overflow": t.series_overflow},
+            events_read={"dns": snap.queries},
+            events_lost={"unanswered": snap.unanswered, "malformed": snap.malformed,
+                         "unmatched_response": snap.unmatched_responses, "series_overflow": t.series_overflow},
             map_entries={},
             map_capacity={},
             kernel_counters={"dns_events": k.get("dns_events", 0), "dns_truncated": k.get("dns_truncated", 0)},

@@ -5,7 +5,10 @@ link notifications (agent/sources/tc/link_watch.py) -> attach (agent/sources/tc/
 filters `meshlens-tc-l7-{ingress,egress}`) + `pkt_ifaces[ifindex] = pod netns` -> kernel
 `http_stats` / `l7_events` / `l7_counters` (the same maps as l7.bpf.c) -> this module, which
 reads them exactly as HttpSource does -> HttpSnapshot (area "http"); DNS records go to the same
-DnsTracker (agent/sources/l7/dns.py) -> DnsSnapshot (area "dns").
+DnsTracker (agent/sources/l7/dns.py) -> DnsSnapshot (area "dns"). DNS is paired in the kernel
+(`dns_pending`): only answered lookups arrive, with their latency; this module's sweep expires
+queries waiting longer than the tracker's timeout (counted unanswered) and hands the kernel's
+DNS counters to the tracker.
 
 Series from packets carry cgroup_id 0 and an empty process name (a packet names no process):
 the pod is its network namespace, which the identity layer resolves.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from meshlens.agent.kernel import bpf
@@ -21,7 +25,7 @@ from meshlens.agent.kernel.attach import load_with_fallback
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
 from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
-from meshlens.agent.sources.l7.structs import L7PktRodata, MlPktIface
+from meshlens.agent.sources.l7.structs import L7PktRodata, MlDnsPending, MlPktIface
 from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
 from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo, LinkWatcher, NetnsResolver
 
@@ -54,6 +58,7 @@ class PacketHttpSource(HttpSource):
         obj.map("pkt_conns").max_entries = self.config.conns_max_entries
         obj.map("http_stats").max_entries = self.config.stats_max_entries
         obj.map("l7_events").max_entries = self.config.ringbuf_bytes
+        obj.map("dns_pending").max_entries = self.dns.max_pending
         obj.set_rodata({"sample_every": self.config.sample_every}, L7PktRodata)
 
     def start(self) -> None:
@@ -114,6 +119,25 @@ class PacketHttpSource(HttpSource):
             self.obj.map("pkt_ifaces").delete_raw(ifindex.to_bytes(4, "little"))
         if netns and self.on_pod_netns:
             self.on_pod_netns(netns, False)
+
+    def sweep(self, now_ns: int) -> None:
+        super().sweep(now_ns)
+        if not self.obj:
+            return
+        self._expire_dns(time.monotonic_ns())
+        k = self.kernel_counters()
+        self.dns.kernel_totals(self, {"queries": k.get("dns_queries", 0), "unmatched": k.get("dns_unmatched", 0),
+                                      "malformed": k.get("dns_malformed", 0),
+                                      "unanswered": k.get("dns_pending_full", 0)})
+
+    def _expire_dns(self, now_ns: int) -> None:
+        """Queries waiting in the kernel longer than the timeout: deleted, counted unanswered
+        (kernel timestamps and now_ns share CLOCK_MONOTONIC)."""
+        assert self.obj is not None
+        m = self.obj.map("dns_pending")
+        for kraw, vraw in m.items_raw():
+            if now_ns - MlDnsPending.from_buffer_copy(vraw).ts_ns >= self.dns.timeout_ns and m.delete_raw(kraw):
+                self.dns.unanswered += 1
 
     def health(self) -> SourceHealth:
         h = super().health()

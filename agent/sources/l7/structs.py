@@ -36,7 +36,7 @@ EV_HTTP_REQUEST, EV_PATH, EV_DNS = 1, 2, 3
 EVENT_NAMES: Dict[int, str] = {EV_HTTP_REQUEST: "http_request", EV_PATH: "path", EV_DNS: "dns"}
 
 F_OVERFLOW, F_SAMPLE, F_REQ_SIZE, F_RESP_SIZE = 1, 2, 4, 8
-DNS_QUERY, DNS_RESPONSE = 1, 2
+DNS_QUERY, DNS_RESPONSE, DNS_ANSWERED = 1, 2, 3   # ANSWERED: paired by the kernel (packet path)
 
 # enum ml_l7_counter, in order.
 COUNTER_NAMES = [
@@ -68,9 +68,13 @@ COUNTER_NAMES = [
     "pkt_gap_in_body",
     "pkt_resync",
     "pkt_unparsed",
-    "pkt_reserved",
+    "dns_queries",
+    "dns_unmatched",
+    "dns_pending_full",
+    "dns_malformed",
+    "dns_tcp_skipped",
 ]
-ML_L7_CNT_MAX = 32
+ML_L7_CNT_MAX = 40
 # Counters that are HTTP parser give-ups (exported as meshlens_http_parse_errors_total{reason}).
 PARSE_ERRORS = (
     "not_http", "header_too_large", "scan_budget", "bad_chunk", "bad_start", "truncated",
@@ -136,6 +140,7 @@ class MlDnsEvent(ctypes.Structure):
         ("len", ctypes.c_uint32),
         ("ts_ns", ctypes.c_uint64),
         ("sk", ctypes.c_uint64),
+        ("duration_ns", ctypes.c_uint64),
         ("cgroup_id", ctypes.c_uint64),
         ("netns", ctypes.c_uint32),
         ("tgid", ctypes.c_uint32),
@@ -178,8 +183,19 @@ class MlPktConnKey(ctypes.Structure):
     ]
 
 
+class MlDnsPendingKey(ctypes.Structure):
+    _fields_ = [("conn", MlPktConnKey), ("txid", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("_pad", ctypes.c_uint8)]
+
+
+class MlDnsPending(ctypes.Structure):
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("qhash", ctypes.c_uint32), ("qlen", ctypes.c_uint16),
+                ("_pad", ctypes.c_uint16)]
+
+
 # Mirrors of bpf/include/l7pkt.h, checked against l7pkt.bpf.o.
-PKT_MIRRORS = {"ml_pkt_iface": MlPktIface, "ml_pkt_conn_key": MlPktConnKey}
+PKT_MIRRORS = {"ml_pkt_iface": MlPktIface, "ml_pkt_conn_key": MlPktConnKey,
+               "ml_dns_pending_key": MlDnsPendingKey, "ml_dns_pending": MlDnsPending}
 
 MIRRORS = {
     "ml_http_key": MlHttpKey,
