@@ -73,6 +73,12 @@ def _net(w: Dict[str, Any], bg: Dict[str, Any], what: str, names: Optional[set] 
     return tot(w) - tot(bg) / bg["wall_s"] * w["wall_s"]
 
 
+def _per_request(windows: List[Dict[str, Any]], what: str, names: Optional[set] = None):
+    """Summary over rounds of `what` (run_cnt or run_time_ns) per request, net of the idle window."""
+    return summarize([_net(x["window"], x["background"], what, names=names) / max(1, x["window"]["requests"])
+                      for x in windows])
+
+
 def run(ctx: Context) -> SectionResult:
     res = SectionResult("l4", "L4 alone (issue 9): per-call cost and per-connection cost")
     blocks = 1 if ctx.quick else 4
@@ -96,19 +102,13 @@ def run(ctx: Context) -> SectionResult:
         tput = compare([(r["block"], r["mode"], r["results"][name]["window"]["rps"]) for r in rounds])
         by_mode = {m: [r["results"][name] for r in rounds if r["mode"] == m] for m in MODES[1:]}
         l4 = by_mode["l4"]
-        per_call = summarize([_net(x["window"], x["background"], "run_cnt", names=PER_CALL_PROGRAMS)
-                              / max(1, x["window"]["requests"]) for x in l4])
-        all_runs = summarize([_net(x["window"], x["background"], "run_cnt") / max(1, x["window"]["requests"])
-                              for x in l4])
-        ns_of = {m: summarize([_net(x["window"], x["background"], "run_time_ns") / max(1, x["window"]["requests"])
-                               for x in xs]) for m, xs in by_mode.items()}
+        ns_of = {m: _per_request(xs, "run_time_ns") for m, xs in by_mode.items()}
         cpu_of = {m: summarize([1e6 * (x["window"]["agent_cpu_s"] - x["background"]["agent_cpu_s"]
                                        / x["background"]["wall_s"] * x["window"]["wall_s"])
                                 / max(1, x["window"]["requests"]) for x in xs]) for m, xs in by_mode.items()}
-        runs_of = {m: summarize([_net(x["window"], x["background"], "run_cnt") / max(1, x["window"]["requests"])
-                                 for x in xs]) for m, xs in by_mode.items()}
-        per_call_of = {m: summarize([_net(x["window"], x["background"], "run_cnt", names=PER_CALL_PROGRAMS)
-                                     / max(1, x["window"]["requests"]) for x in xs]) for m, xs in by_mode.items()}
+        runs_of = {m: _per_request(xs, "run_cnt") for m, xs in by_mode.items()}
+        per_call_of = {m: _per_request(xs, "run_cnt", PER_CALL_PROGRAMS) for m, xs in by_mode.items()}
+        per_call, all_runs = per_call_of["l4"], runs_of["l4"]
         ns, cpu_us = ns_of["l4"], cpu_of["l4"]
         progs: Dict[str, Dict[str, float]] = {}
         for x in l4:

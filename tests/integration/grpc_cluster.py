@@ -163,14 +163,6 @@ def nodes(target: str) -> List[pb.Node]:
         return list(pbg.ObserverStub(ch).GetNodes(pb.GetNodesRequest(), timeout=5).nodes)
 
 
-def kubeconfig(path: str, url: str) -> None:
-    with open(path, "w") as f:
-        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "t",
-                   "clusters": [{"name": "t", "cluster": {"server": url}}],
-                   "users": [{"name": "t", "user": {"token": "fake"}}],
-                   "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}, f)
-
-
 class SimNode:
     """One simulated node: its bridge, a client and an nginx pod, and (when started) its agent."""
 

@@ -32,7 +32,7 @@ from tests.integration.l7_helpers import run_py
 from tests.integration.pods import Node, Pod
 from tests.integration.servers import Dnsmasq, Nginx, Prometheus, dns_query
 from tests.integration.test_tcp_l4 import finish, run_json, start_listener
-from tests.unit.fake_apiserver import FakeApiServer, load_objects, owner_ref, pod_object
+from tests.unit.fake_apiserver import FakeApiServer, kubeconfig, load_objects, owner_ref, pod_object
 
 NODE_NAME = "node-1"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -58,14 +58,6 @@ print(json.dumps(got))
 
 def http_load(pod: Pod, host: str, plan: List[Tuple[str, int]]) -> Dict[str, int]:
     return json.loads(run_py(pod, CLIENT, host, "80", json.dumps(plan)).strip().splitlines()[-1])
-
-
-def kubeconfig(path: str, url: str) -> None:
-    with open(path, "w") as f:
-        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "t",
-                   "clusters": [{"name": "t", "cluster": {"server": url}}],
-                   "users": [{"name": "t", "user": {"token": "fake"}}],
-                   "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}, f)
 
 
 class Live:

@@ -27,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshlens.exporter.proto import observer_pb2 as pb
 from tests.integration.agent_proc import MESHLENS, AgentProcess
-from tests.integration.grpc_cluster import (NODES, Follower, RelayProcess, SimNode, kubeconfig, nodes, status,
+from tests.integration.grpc_cluster import (NODES, Follower, RelayProcess, SimNode, nodes, status,
                                             wait_until)
 from tests.integration.servers import Nginx
-from tests.unit.fake_apiserver import FakeApiServer
+from tests.unit.fake_apiserver import FakeApiServer, kubeconfig
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 # odd request counts per node, with errors: (path, n)

@@ -53,6 +53,15 @@ PATH_OF_KIND = {kind: path for path, (kind, _) in RESOURCES.items()}
 Event = Tuple[int, str, Dict[str, Any]]   # (resourceVersion, type, object)
 
 
+def kubeconfig(path: str, url: str) -> None:
+    """Write a kubeconfig that points a real client at the fake API server at `url`."""
+    with open(path, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "t",
+                   "clusters": [{"name": "t", "cluster": {"server": url}}],
+                   "users": [{"name": "t", "user": {"token": "fake"}}],
+                   "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}]}, f)
+
+
 def load_objects(name: str) -> List[Dict[str, Any]]:
     """The objects of fixture file k8s_objects/<name>.json (a JSON list), deep-copied."""
     with open(OBJECTS_DIR / f"{name}.json") as f:
