@@ -168,6 +168,9 @@ def _run_mode(ctx: Context, res: SectionResult, mode: str, verdicts: bool) -> No
                 f"{ctx.mode_label(mode)}, at 20k req/s, background-subtracted (raw upper bound "
                 f"{per_rate['20k req/s']['ns_per_request_raw'].median:,.0f} ns; background "
                 f"{per_rate['20k req/s']['background_pct'].median:.0f}% of raw); both ends of each request on this node"),
+        verdict("l7_ns_per_request", per_rate["20k req/s"]["ns_per_request_net"].median,
+                f"{ctx.mode_label(mode)}, at 20k req/s, background-subtracted; by object: "
+                + ", ".join(f"{o} {ns:,.0f} ns" for o, ns in sorted(by_object.items()))),
         verdict("cpu_at_5k", per_rate["5k req/s"]["cpu_pct"].median,
                 f"achieved {per_rate['5k req/s']['achieved_rps'].median:,.0f} req/s"),
         verdict("cpu_at_20k", per_rate["20k req/s"]["cpu_pct"].median,

@@ -63,14 +63,35 @@ def _capacity(steps: List[Dict[str, Any]], l4_only: bool = False, excuse_short: 
     return best
 
 
+def _records_per_1k(step: Dict[str, Any]) -> float:
+    """Ring-buffer records the agent read per 1,000 requests wrk completed in the step."""
+    reqs = step["wrk"].get("requests") or 0
+    return 1000.0 * step["delta"].get("read", 0.0) / reqs if reqs else float("nan")
+
+
+def _lost_at_50k(req: List[Dict[str, Any]]) -> Any:
+    """The issue's 0-lost-at-50k target: evaluated on a step that reached 50k req/s; on a
+    testbed that saturates below, not evaluated, with what the highest step showed."""
+    reached = [s for s in req if s["wrk"]["rps"] >= 50000]
+    if reached:
+        s = reached[0]
+        return verdict("lost_at_50k", s["lost"], f"achieved {s['wrk']['rps']:,.0f} req/s")
+    top = max(req, key=lambda s: s["wrk"]["rps"])
+    return verdict("lost_at_50k", None,
+                   f"this testbed saturates at {top['wrk']['rps']:,.0f} req/s with the agent (nginx 1 worker, wrk 1 "
+                   f"thread, 2 CPUs); there: {top['lost']:,.0f} events lost, "
+                   f"{_records_per_1k(top):.2f} ring-buffer records per 1k requests")
+
+
 def _table(title: str, unit: str, steps: List[Dict[str, Any]]) -> Table:
-    t = Table(title, ["offered", f"achieved {unit}", "events lost (source/reason)", "exact", "worst error", "mismatches"])
+    t = Table(title, ["offered", f"achieved {unit}", "events lost (source/reason)", "ring-buffer records / 1k requests",
+                      "exact", "worst error", "mismatches"])
     for s in steps:
         bad = [f"{k}: {e.absolute:+,.0f} ({e.percent:+.3f}%)" if e.percent is not None else f"{k}: {e.absolute:+,.0f}"
                for k, e in s["checks"].items() if not e.exact]
         t.add("saturation" if s["offered"] is None else f"{s['offered']:,}", fmt(s["wrk"]["rps"]),
               fmt(s["lost"]) + (" (" + ", ".join(f"{k} {v:,.0f}" for k, v in s["lost_by"].items()) + ")" if s["lost_by"] else ""),
-              "yes" if s["exact"] else "**no**", f"{s['worst_pct']:.3f}%", "; ".join(bad) or "—")
+              fmt(_records_per_1k(s)), "yes" if s["exact"] else "**no**", f"{s['worst_pct']:.3f}%", "; ".join(bad) or "—")
         if s["log"].get("short_responses"):
             t.rows[-1][-1] += (f" (the access log holds {s['log']['short_responses']} responses cut short, "
                                f"{s['log']['short_bytes_sent']:,} bytes_sent)")
@@ -118,4 +139,6 @@ def run(ctx: Context) -> SectionResult:
         tcp_worst = worst_pct({k: e for k, e in at20["checks"].items() if not k.startswith("HTTP")})
         res.verdicts.append(verdict("count_error_at_20k", at20["worst_pct"],
                                     f"{ach}; largest error over all checks (TCP checks alone: {tcp_worst:.3f}%)"))
+    if req:
+        res.verdicts.append(_lost_at_50k(req))
     return res

@@ -118,4 +118,15 @@ def run(ctx: Context) -> SectionResult:
     res.verdicts.append(verdict("p99_delta_full", max(p99, p99_m),
                                 f"{ctx.mode_label(full)}; small {p99:+.1f}%, medium {p99_m:+.1f}%"))
     del note
+    storm = summary["conn_storm"]["throughput"]
+    others = "; ".join(f"{ctx.mode_label(m)}: small {summary['http_small']['throughput'][m]['ratio_pct']:.1f}%, "
+                       f"medium {summary['http_medium']['throughput'][m]['ratio_pct']:.1f}%"
+                       for m in ctx.agent_modes if m not in (full, "l4"))
+    res.verdicts.append(verdict("l7_keepalive_ratio_full", min(tp, tp_m),
+                                f"{ctx.mode_label(full)}; small {tp:.1f}%, medium {tp_m:.1f}%; p99: see above"
+                                + (f" ({others})" if others else "")))
+    res.verdicts.append(verdict("l7_storm_ratio_full", storm[full]["ratio_pct"],
+                                f"{ctx.mode_label(full)}; paired {fmt_summary(storm[full]['paired_pct'])}%"
+                                + "".join(f"; {ctx.mode_label(m)}: {storm[m]['ratio_pct']:.1f}%"
+                                          for m in ctx.agent_modes if m not in (full, "l4"))))
     return res

@@ -20,6 +20,7 @@ from .workloads import HTTP_PORT, Testbed
 TCP_FIELDS = {"opened": "meshlens_tcp_connections_opened_total", "closed": "meshlens_tcp_connections_closed_total",
               "sent": "meshlens_tcp_sent_bytes_total", "received": "meshlens_tcp_received_bytes_total"}
 LOST = "meshlens_agent_events_lost_total"
+READ = "meshlens_agent_events_read_total"
 HTTP_SERVER = "http_server_request_duration_seconds"
 HTTP_CLIENT = "http_client_request_duration_seconds"
 
@@ -45,6 +46,8 @@ def read_counters(agent: AgentProcess, tb: Testbed, port: int = HTTP_PORT) -> Di
             key = f"{s.labels.get('source')}/{s.labels.get('reason')}"
             lost_by[key] = lost_by.get(key, 0.0) + s.value
     out["lost_by"] = lost_by
+    # ring-buffer records the agent read (the dns source is a view of the http source's records)
+    out["read"] = sum(s.value for s in samples if s.name == READ and s.labels.get("source") != "dns")
     for side, labels in sides(tb, port).items():
         for field, name in TCP_FIELDS.items():
             out[f"{side}_{field}"] = sum(s.value for s in samples if s.name == name and _match(s, labels))
