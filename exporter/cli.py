@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshlens.exporter.api.app import create_app
     from meshlens.exporter.api.server import ApiServer
     from meshlens.exporter.http_server import parse_addr
-    from meshlens.exporter.prometheus.collector import MeshlensCollector
+    from meshlens.exporter.prometheus.collector import ChainedCollector, MeshlensCollector
 
     err = None  # settings were validated by exporter/config.py before this runs
     try:
@@ -112,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         identity.start()
         host, port = parse_addr(args.metrics_addr)
-        app = create_app(agent, MeshlensCollector(agent.snapshot), token)
+        collector = ChainedCollector([MeshlensCollector(agent.snapshot)])
+        app = create_app(agent, collector, token)
         try:
             server = ApiServer(app, host, port).start()
         except OSError as exc:
@@ -130,6 +131,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"meshlens: cannot serve gRPC on {args.settings.grpc_listen}: {exc}", file=sys.stderr)
                 server.shutdown()
                 return 1
+            from meshlens.exporter.grpc.observer_metrics import ObserverCollector
+
+            collector.add(ObserverCollector(observer.feed))
             log.info("meshlens gRPC Observer on %s (node %s, TLS %s)", args.settings.grpc_listen,
                      args.settings.node_name, "on" if args.settings.grpc_tls() else "off")
         log.info("meshlens running: metrics on http://%s/metrics, API on http://%s/api/v1 (auth %s)",

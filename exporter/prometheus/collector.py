@@ -44,3 +44,21 @@ def make_registry(snapshot: Callable[[], AgentSnapshot], builders: Sequence[Buil
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MeshlensCollector(snapshot, builders))
     return registry
+
+
+class ChainedCollector(Collector):
+    """Several collectors as one, for the API that renders a single collector; more can be
+    added after it was handed over (the gRPC server starts after the HTTP server)."""
+
+    def __init__(self, collectors: Iterable[Collector]) -> None:
+        self._collectors: List[Collector] = list(collectors)
+
+    def add(self, collector: Collector) -> None:
+        self._collectors.append(collector)
+
+    def describe(self) -> Iterable[object]:
+        return []
+
+    def collect(self) -> Iterable[object]:
+        for c in list(self._collectors):
+            yield from c.collect()

@@ -232,6 +232,17 @@ def test_stalled_client_is_dropped_behind_with_lost_events(cluster: Cluster) -> 
         assert lost and missed > 0 and got < published
         assert published <= got + missed <= published + len(kernel) + 16, (got, missed, published)
         assert rss1 - rss0 < 64 * 2**20, f"agent grew by {(rss1 - rss0) / 2**20:.1f} MiB"
+        # the agent's own /metrics carry the stream's counters: ServerStatus's, read between two
+        # calls of it, and at least what this client was told it lost
+        s_before = status(a.grpc_addr)
+        text = a.agent.scrape_text()
+        s_after = status(a.grpc_addr)
+        assert s_before.seen_flows <= _metric(text, "meshlens_grpc_flows_published_total") <= s_after.seen_flows
+        assert s_before.lost_events <= _metric(text, "meshlens_grpc_client_lost_events_total") <= s_after.lost_events
+        assert _metric(text, "meshlens_grpc_client_lost_events_total") >= missed
+        assert _metric(text, "meshlens_grpc_clients") >= 2          # the relay and this client
+        assert _metric(text, "meshlens_grpc_following") == 1
+        assert _metric(text, "meshlens_grpc_conversion_errors_total") == 0
     finally:
         stalled.close()
 
