@@ -25,6 +25,7 @@ last error) for the agent's own metrics. Nothing raised in a watch thread reache
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -57,9 +58,23 @@ class WatchSink(Protocol):
         """One ADDED, MODIFIED or DELETED event; `obj` is the raw API object (a dict)."""
 
 
-def _list_function(api: k8s.ApiClient, resource: str) -> Callable[..., Any]:
-    """The client's all-namespaces list call for `resource` (also the watch call with watch=True)."""
+def _list_function(api: k8s.ApiClient, resource: str, namespace: str = "") -> Callable[..., Any]:
+    """The client's list call for `resource` (also the watch call with watch=True): all
+    namespaces, or only `namespace` (what a namespaced Role allows)."""
     core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    if namespace:
+        batch, disc = k8s.BatchV1Api(api), k8s.DiscoveryV1Api(api)
+        fn = {
+            POD: core.list_namespaced_pod,
+            SERVICE: core.list_namespaced_service,
+            ENDPOINTSLICE: disc.list_namespaced_endpoint_slice,
+            REPLICASET: apps.list_namespaced_replica_set,
+            DEPLOYMENT: apps.list_namespaced_deployment,
+            DAEMONSET: apps.list_namespaced_daemon_set,
+            STATEFULSET: apps.list_namespaced_stateful_set,
+            JOB: batch.list_namespaced_job,
+        }[resource]
+        return functools.partial(fn, namespace)
     return {
         POD: core.list_pod_for_all_namespaces,
         SERVICE: core.list_service_for_all_namespaces,
@@ -111,6 +126,8 @@ class Backoff:
 class WatchConfig:
     node_name: str = ""                     # pods are watched only on this node; "" = every node
     resources: Tuple[str, ...] = ALL_RESOURCES
+    namespace: str = ""                     # "" = all namespaces; else list and watch in this one only
+    label_selector: str = ""                # for every resource's list and watch ("" = all objects)
     page_size: int = 500                    # list `limit`
     watch_timeout_s: Tuple[int, int] = (300, 600)  # server-side timeout, random in range (as client-go)
     connect_timeout_s: float = 10.0
@@ -236,7 +253,7 @@ class KubeWatcher:
     # -- one resource
 
     def _run(self, resource: str) -> None:
-        fn = _list_function(self.api, resource)
+        fn = _list_function(self.api, resource, self.config.namespace)
         failures = 0
         while not self._stop.is_set():
             rv = self._resume.get(resource, "")
@@ -264,6 +281,15 @@ class KubeWatcher:
                 self._count(resource, "errors_total", up=False, last_error=msg)
                 self._stop.wait(delay)
 
+    def _selectors(self, resource: str) -> Dict[str, str]:
+        """The field and label selectors of `resource`'s list and watch calls."""
+        out: Dict[str, str] = {}
+        if resource == POD and self.config.node_name:
+            out["field_selector"] = f"spec.nodeName={self.config.node_name}"
+        if self.config.label_selector:
+            out["label_selector"] = self.config.label_selector
+        return out
+
     def _list(self, resource: str, fn: Callable[..., Any]) -> str:
         items: List[Dict[str, Any]] = []
         token: Optional[str] = None
@@ -273,8 +299,7 @@ class KubeWatcher:
                                           _request_timeout=(self.config.connect_timeout_s, self.config.list_read_timeout_s))
             if token:
                 kwargs["_continue"] = token
-            if resource == POD and self.config.node_name:
-                kwargs["field_selector"] = f"spec.nodeName={self.config.node_name}"
+            kwargs.update(self._selectors(resource))
             try:
                 resp = fn(**kwargs)
             except ApiException as exc:
@@ -325,8 +350,7 @@ class KubeWatcher:
             timeout_seconds=int(low + (high - low) * self._rng()),
             _request_timeout=(self.config.connect_timeout_s, high + 30.0),
         )
-        if resource == POD and self.config.node_name:
-            kwargs["field_selector"] = f"spec.nodeName={self.config.node_name}"
+        kwargs.update(self._selectors(resource))
         with self._lock:
             if self._stop.is_set():
                 return 0

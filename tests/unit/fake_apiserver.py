@@ -7,7 +7,8 @@ client relies on:
 - GET <collection> lists: `{"kind": "PodList", "apiVersion": "v1", "metadata":
   {"resourceVersion": "N"}, "items": [...]}` (items without kind/apiVersion, as the real
   server sends them), with `fieldSelector` (equality on spec.nodeName, metadata.namespace,
-  metadata.name), `limit` and `continue` (pages of one consistent snapshot).
+  metadata.name), `labelSelector` (equality, `!=`), `limit` and `continue` (pages of one
+  consistent snapshot); namespaced collections (`.../namespaces/NS/<resource>`) too.
 - GET <collection>?watch=1&resourceVersion=N: a chunked stream of newline-delimited events
   `{"type": "ADDED|MODIFIED|DELETED|BOOKMARK|ERROR", "object": {...}}`, replaying what happened
   after N, then following live changes until `timeoutSeconds` or until the test cuts it.
@@ -51,6 +52,17 @@ RESOURCES: Dict[str, Tuple[str, str]] = {
 }
 PATH_OF_KIND = {kind: path for path, (kind, _) in RESOURCES.items()}
 Event = Tuple[int, str, Dict[str, Any]]   # (resourceVersion, type, object)
+
+
+def collection(url_path: str) -> Tuple[str, str]:
+    """'/apis/G/V/namespaces/NS/R' or '/api/v1/namespaces/NS/R' -> ('/apis/G/V/R', 'NS');
+    an all-namespaces path -> (itself, '')."""
+    parts = url_path.split("/")
+    if "namespaces" in parts:
+        i = parts.index("namespaces")
+        if len(parts) == i + 3:
+            return "/".join(parts[:i] + parts[i + 2:]), parts[i + 1]
+    return url_path, ""
 
 
 def kubeconfig(path: str, url: str) -> None:
@@ -252,15 +264,33 @@ class FakeApiServer:
 
     def watch_requests(self, kind: str) -> List[Dict[str, str]]:
         path = PATH_OF_KIND[kind]
-        return [q for p, q in list(self.requests) if p == path and q.get("watch") in ("1", "true", "True")]
+        return [q for p, q in list(self.requests) if collection(p)[0] == path and q.get("watch") in ("1", "true", "True")]
 
     def list_requests(self, kind: str) -> List[Dict[str, str]]:
         path = PATH_OF_KIND[kind]
-        return [q for p, q in list(self.requests) if p == path and q.get("watch") not in ("1", "true", "True")]
+        return [q for p, q in list(self.requests)
+                if collection(p)[0] == path and q.get("watch") not in ("1", "true", "True")]
 
     # -- serving (called from handler threads)
 
-    def _matches(self, obj: Dict[str, Any], selector: str) -> bool:
+    @staticmethod
+    def _labels_match(obj: Dict[str, Any], selector: str) -> bool:
+        """Equality-based label selector (`k=v,k2==v2,k3!=v3`), as the real server reads it."""
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        for term in filter(None, selector.split(",")):
+            if "!=" in term:
+                k, _, v = term.partition("!=")
+                if labels.get(k.strip()) == v.strip():
+                    return False
+                continue
+            k, _, v = term.partition("=")
+            if labels.get(k.strip()) != v.lstrip("=").strip():
+                return False
+        return True
+
+    def _matches(self, obj: Dict[str, Any], selector: str, label_selector: str = "") -> bool:
+        if not self._labels_match(obj, label_selector):
+            return False
         for term in filter(None, selector.split(",")):
             field, _, want = term.partition("=")
             field = field.rstrip("=!")
@@ -289,7 +319,7 @@ class FakeApiServer:
                 snap_id = str(next(self._snap_ids))
                 items = []
                 for obj in self._objects[path].values():
-                    if self._matches(obj, query.get("fieldSelector", "")):
+                    if self._matches(obj, query.get("fieldSelector", ""), query.get("labelSelector", "")):
                         item = copy.deepcopy(obj)
                         item.pop("kind", None)
                         item.pop("apiVersion", None)
@@ -336,7 +366,7 @@ class FakeApiServer:
                 if event_type == "BOOKMARK":
                     if query.get("allowWatchBookmarks") in ("true", "True", "1"):
                         yield {"type": "BOOKMARK", "object": obj}
-                elif self._matches(obj, selector):
+                elif self._matches(obj, selector, query.get("labelSelector", "")):
                     yield {"type": event_type, "object": obj}
 
 
@@ -384,13 +414,17 @@ def _handler_class(api: FakeApiServer) -> type:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             api.requests.append((url.path, query))
-            if url.path not in RESOURCES:
+            path, namespace = collection(url.path)
+            if path not in RESOURCES:
                 self._send_json(404, _status(404, "NotFound", f"{url.path} not found"))
                 return
+            if namespace:       # a namespaced collection: the all-namespaces one, restricted
+                query["fieldSelector"] = ",".join(filter(None, [query.get("fieldSelector", ""),
+                                                                f"metadata.namespace={namespace}"]))
             if query.get("watch") in ("1", "true", "True"):
-                self._watch(url.path, query)
+                self._watch(path, query)
             else:
-                self._send_json(*api.list_body(url.path, query))
+                self._send_json(*api.list_body(path, query))
 
         def _watch(self, path: str, query: Dict[str, str]) -> None:
             since = int(query.get("resourceVersion") or 0)

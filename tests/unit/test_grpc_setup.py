@@ -32,23 +32,46 @@ def _agents_slice(name: str, ips, ready=True, namespace: str = "kube-system", su
 
 
 def test_agents_from_the_headless_service_endpoints() -> None:
+    """The relay's discovery lists and watches only its Service's slices in its namespace
+    (what its namespaced Role allows), follows ready endpoints, and hands the relay every
+    change as it happens, not on a poll; a cut watch resumes without a spurious change."""
     objects = [_agents_slice("meshlens", ["10.0.0.11", "10.0.0.12"]),
                _agents_slice("meshlens", ["10.0.0.13"], ready=False, suffix="y"),          # not ready: not followed
                _agents_slice("other", ["10.0.0.99"]),                           # another service
                _agents_slice("meshlens", ["10.9.9.9"], namespace="default")]   # same name, other namespace
     with FakeApiServer(objects) as api:
         sa = service_agents("kube-system/meshlens:4244", host=api.url)
-        assert sa.addresses() == ["10.0.0.11:4244", "10.0.0.12:4244"]
-        api.add(_agents_slice("meshlens", ["fd00::7"], suffix="v6"))      # a new slice appears
-        got = []
+        got: list = []
         stop = threading.Event()
-        sa.interval_s = 0.05
-        t = threading.Thread(target=sa.run, args=(lambda a: (got.append(a), stop.set() if len(got) > 1 else None),
-                                                  stop))
+        t = threading.Thread(target=sa.run, args=(got.append, stop))
         t.start()
-        t.join(5)
-        assert got[-1] == ["10.0.0.11:4244", "10.0.0.12:4244", "[fd00::7]:4244"]
-        sa.api.close()
+        try:
+            assert wait(lambda: got, 5)
+            assert got == [["10.0.0.11:4244", "10.0.0.12:4244"]]
+            api.add(_agents_slice("meshlens", ["fd00::7"], suffix="v6"))      # a new slice appears
+            assert wait(lambda: len(got) == 2, 2)
+            assert got[-1] == ["10.0.0.11:4244", "10.0.0.12:4244", "[fd00::7]:4244"]
+            api.add(_agents_slice("meshlens", ["10.0.0.13"], suffix="y"))     # the not-ready one is ready
+            assert wait(lambda: len(got) == 3, 2)
+            assert got[-1] == ["10.0.0.11:4244", "10.0.0.12:4244", "10.0.0.13:4244", "[fd00::7]:4244"]
+            api.add(_agents_slice("other", ["10.0.0.98"]))                    # not ours: no change
+            api.add(_agents_slice("meshlens", ["10.9.9.8"], namespace="default"))
+            api.drop_watches()                                                # resumes from its resourceVersion
+            api.delete("EndpointSlice", "kube-system", "meshlens-v6")         # a node leaves
+            assert wait(lambda: len(got) == 4, 5)
+            assert got[-1] == ["10.0.0.11:4244", "10.0.0.12:4244", "10.0.0.13:4244"]
+            time.sleep(0.3)
+            assert len(got) == 4, got                                         # nothing else changed
+            # every request was namespaced and selected by the Service's label
+            paths = {p for p, _ in api.requests}
+            assert paths == {"/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices"}, paths
+            assert all(q.get("labelSelector") == "kubernetes.io/service-name=meshlens" for _, q in api.requests)
+            assert api.watch_requests("EndpointSlice"), "no watch was opened"
+        finally:
+            stop.set()
+            t.join(10)
+            sa.api.close()
+        assert not t.is_alive()
 
 
 def test_parse_service() -> None:

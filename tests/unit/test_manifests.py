@@ -197,7 +197,7 @@ def test_dashboard_has_the_sections_and_variables() -> None:
 def test_relay_follows_the_agents_service() -> None:
     """relay.yaml: its command parses with the real CLI, --agents-service names the headless
     Service's gRPC port (which targets the agent's), and its Role grants only what
-    exporter/grpc/discovery.py calls (list EndpointSlices, in this namespace)."""
+    exporter/grpc/discovery.py calls (list and watch EndpointSlices, in this namespace)."""
     from meshlens.exporter.config import relay_settings
     from meshlens.exporter.grpc.discovery import parse_service
 
@@ -219,7 +219,7 @@ def test_relay_follows_the_agents_service() -> None:
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"]
     assert docs["Role"]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                                      "verbs": ["list"]}]
+                                      "verbs": ["list", "watch"]}]
     assert docs["Role"]["metadata"]["namespace"] == ns
     assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
     assert docs["RoleBinding"]["subjects"][0]["name"] == pod["serviceAccountName"]
