@@ -14,6 +14,14 @@ cgroup v2 root). Throughput is wrk's; BPF run time per request is kernel.bpf_sta
 / run_cnt of this process's programs) over wrk's requests. Prints a table and a JSON line.
 
     python -m bench.l7_other_cost [--rounds 5] [--seconds 3]
+
+With --agents, the whole agent instead (`meshlens run` as shipped, whose `auto` is now tc +
+cgroup_skb, against `--l7-source packets` and no agent), pod workload only: the bench's
+"full agent vs packets" line, which `auto` paid the syscalls:* floor in before.
+
+    python -m bench.l7_other_cost --agents [--rounds 5] [--seconds 5]
+
+The run docs/l7.md quotes is in bench/l7_other_cost.json.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from meshlens.agent.sources.l7.cgroup import CgroupHttpSource
 from meshlens.agent.sources.l7.http import HttpSource
 from tests.integration.servers import run_wrk
 
-from .agentrun import bpf_stats_enabled, prog_delta, prog_stats
+from .agentrun import BenchAgent, bpf_stats_enabled, prog_delta, prog_stats
 from .env import BusyMeter
 from .stats import ratio, summarize
 from .workloads import HTTP_PORT, SATURATION_CONNS, SMALL, Testbed
@@ -59,16 +67,49 @@ def window(tb: Testbed, workload: str, seconds: int) -> Dict[str, Any]:
     progs = {name: {"runs_per_request": v["run_cnt"] / n,
                     "ns_per_run": v["run_time_ns"] / v["run_cnt"] if v["run_cnt"] else 0.0}
              for name, v in d.items() if v["run_cnt"]}
-    return {"rps": r["rps"], "requests": r["requests"], "p99_us": r.get("latency_us", {}).get("99", 0),
+    return {"rps": r["rps"], "requests": r["requests"], "p99_us": r["latency_us"]["p99"],
             "bpf_ns_per_request": sum(v["run_time_ns"] for v in d.values()) / n, "programs": progs,
             "machine_busy_cores": busy.cores()}
+
+
+AGENT_MODES = ("base", "packets", "full")
+
+
+def agents_main(rounds: int, seconds: int) -> int:
+    """Whole agents on pod traffic: throughput and p99 per mode, rounds alternating."""
+    res: Dict[str, List[Dict[str, Any]]] = {m: [] for m in AGENT_MODES}
+    with Testbed() as tb:
+        tb.http(SMALL, 1)   # warm
+        for i in range(rounds):
+            for mode in (AGENT_MODES if i % 2 == 0 else tuple(reversed(AGENT_MODES))):
+                agent = BenchAgent(mode).start() if mode != "base" else None
+                try:
+                    r = tb.http(SMALL, seconds)
+                    res[mode].append({"rps": r["rps"], "p99_us": r["latency_us"]["p99"],
+                                      "attached": agent.attached if agent else []})
+                finally:
+                    if agent:
+                        agent.stop()
+    base = [r["rps"] for r in res["base"]]
+    summary = {}
+    for m, rs in res.items():
+        rps = summarize([r["rps"] for r in rs])
+        pct = summarize([ratio(r["rps"], b) * 100 for r, b in zip(rs, base)])
+        summary[m] = {"rps": rps.as_dict(), "pct_of_base": pct.as_dict()}
+        print(f"pod keep-alive  {m:<8} {rps.median:>8.0f} req/s [{rps.min:.0f}-{rps.max:.0f}]  "
+              f"paired {pct.median:.1f}% [{pct.min:.1f}-{pct.max:.1f}]")
+    print(json.dumps({"rounds": rounds, "seconds": seconds, "results": res, "summary": summary}))
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--agents", action="store_true", help="whole agents: shipped (auto) vs --l7-source packets")
     a = ap.parse_args()
+    if a.agents:
+        return agents_main(a.rounds, a.seconds)
     features = KernelFeatures.probe()
     res: Dict[str, Dict[str, List[Dict[str, Any]]]] = {w: {m: [] for m in MODES} for w in ("loopback", "pod")}
     with Testbed() as tb, bpf_stats_enabled():
