@@ -108,6 +108,19 @@ class Program:
             raise BpfError(f"attach {self.name} to {category}/{name}", libbpf.get_errno(), lines)
         return Link(ptr, self.name)
 
+    def attach_cgroup(self, path: str) -> Link:
+        """Attach to a cgroup v2 directory (cgroup_skb, cgroup_sock...) with a BPF link, so it
+        runs beside other programs there and goes when the link (or this process) does."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with libbpf.capture_log() as lines:
+                ptr = lib.bpf_program__attach_cgroup(self._ptr, fd)
+        finally:
+            os.close(fd)
+        if not ptr:
+            raise BpfError(f"attach {self.name} to cgroup {path}", libbpf.get_errno(), lines)
+        return Link(ptr, self.name)
+
     def run(self) -> int:
         """BPF_PROG_TEST_RUN without input (raw_tp, syscall programs): run the program once,
         now, in this thread; returns its return value."""
@@ -455,6 +468,11 @@ class BpfObject:
 
     def attach_tracepoint(self, program: str, category: str, name: str) -> Link:
         link = self.program(program).attach_tracepoint(category, name)
+        self.links.append(link)
+        return link
+
+    def attach_cgroup(self, program: str, path: str) -> Link:
+        link = self.program(program).attach_cgroup(path)
         self.links.append(link)
         return link
 

@@ -99,6 +99,7 @@ _SIGNATURES = {
     "bpf_program__fd": (c_int, [c_void_p]),
     "bpf_program__attach": (c_void_p, [c_void_p]),
     "bpf_program__attach_tracepoint": (c_void_p, [c_void_p, c_char_p, c_char_p]),
+    "bpf_program__attach_cgroup": (c_void_p, [c_void_p, c_int]),
     "bpf_object__btf": (c_void_p, [c_void_p]),
     "btf__load_vmlinux_btf": (c_void_p, []),
     "btf__find_by_name_kind": (ctypes.c_int32, [c_void_p, c_char_p, c_uint32]),

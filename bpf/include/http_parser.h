@@ -116,6 +116,7 @@ struct scratch {
 	__u16 pkt_family;
 	__u16 dns_qlen;      /* packet path: the DNS question ml_dns_question() read */
 	__u32 dns_qhash;
+	__u64 pkt_cgroup;    /* packet path: the series' cgroup (cgroup_skb: the socket's; tc: 0) */
 };
 
 /* ---- maps shared by both objects (same names: one user-space reader) ------------ */

@@ -1,5 +1,6 @@
-/* l7pkt.h — structs shared by l7pkt.bpf.c (HTTP/1.x and DNS from packets at a pod's veth)
- * and the agent's ctypes mirror (agent/sources/l7/structs.py). The series it produces use
+/* l7pkt.h — structs shared by l7pkt.bpf.c (HTTP/1.x and DNS from packets at a pod's veth),
+ * l7cg.bpf.c (the same from cgroup_skb on the cgroup v2 root) and the agent's ctypes mirror
+ * (agent/sources/l7/structs.py). The series they produce use
  * the structs of l7.h. Explicitly padded (-Wpadded), checked against BTF by a unit test.
  */
 #ifndef MESHLENS_L7PKT_H
@@ -23,7 +24,7 @@ struct ml_pkt_conn_key {
 	__u8 peer_addr[16];
 	__u16 local_port;     /* host byte order */
 	__u16 peer_port;
-	__u32 ifindex;
+	__u32 ifindex;        /* tc: the interface; cgroup_skb (l7cg.bpf.c): the socket's netns inode */
 	__u8 family;          /* AF_INET or AF_INET6 */
 	__u8 _pad[3];
 };
@@ -43,6 +44,13 @@ struct ml_dns_pending {
 	__u32 qhash;   /* FNV-1a of the question (name, type, class): the answer must repeat it */
 	__u16 qlen;    /* its length */
 	__u16 _pad;
+};
+
+/* Value of l7cg.bpf.c's `cg_socks` (bpf_sk_storage): what a UDP socket's answers need and a
+ * packet in softirq context cannot tell. */
+struct ml_cg_sock {
+	__u32 netns;   /* inode of the socket's network namespace, from the task that sent */
+	__u32 flags;   /* reserved, 0 */
 };
 
 #pragma clang diagnostic pop

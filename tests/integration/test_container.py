@@ -75,6 +75,10 @@ def test_check_passes_in_container(image: str) -> None:
     for cap in listed_caps():
         assert f"√ CAP_{cap} held" in out
     assert "√ the node's processes are visible in /proc" in out  # hostPID honoured
+    # L7 with the manifest's mounts: tc on pod veths, cgroup_skb on the node's cgroup v2 root
+    # (the hostPath /sys/fs/cgroup, not the container's own), no syscall tracepoint
+    assert "√ http/l7_pod_traffic: packets (tc on pod veths)" in out, out
+    assert "√ http/l7_other_traffic: cgroup_skb (cgroup v2 root" in out, out
 
 
 @pytest.mark.parametrize("cap", listed_caps())

@@ -93,6 +93,15 @@ def test_pod_http_is_parsed_from_packets(report: Report) -> None:
     assert http["meshlens"]["client_requests_from_packets"] == http["truth"]["client_requests_from_packets"]
 
 
+def test_other_traffic_path_is_cgroup_skb(report: Report) -> None:
+    """What no pod veth carries: both kernels load l7cg.bpf.o, so `auto` attaches cgroup_skb
+    on the cgroup v2 root and no syscalls:* tracepoint (a kernel that refused it would show
+    `syscalls (...)` here with the reason after "not")."""
+    attach = report["check"]["attach"]
+    assert attach["http/l7_other_traffic"].startswith("cgroup_skb (cgroup v2 root"), report["check"]["output"]
+    assert attach["http/l7_other_traffic"].endswith("[meshlens_cg_eg, meshlens_cg_in]")
+
+
 def test_guest_uses_the_fentry_variants(report: Report) -> None:
     if not report["kernel"].startswith("6.1."):
         pytest.skip(f"kernel {report['kernel']}: the expected attach points are pinned for Debian's 6.1 only")

@@ -15,7 +15,9 @@ from meshlens.agent.sources.l7.structs import (
     PARSE_ERRORS,
     SIZE_BOUNDS_BYTES,
     PKT_MIRRORS,
+    L7CgRodata,
     L7PktRodata,
+    MlCgSock,
     L7Rodata,
     kernel_bucket,
 )
@@ -75,3 +77,25 @@ def test_l7pkt_mirror_matches_btf(l7pkt_btf, struct_name: str) -> None:
 
 def test_l7pkt_rodata_knobs_match_btf(l7pkt_btf) -> None:
     assert compare(l7pkt_btf.datasec(".rodata"), L7PktRodata) == []
+
+
+@pytest.fixture(scope="module")
+def l7cg_btf():
+    with ObjectBtf(bpf.object_path("l7cg")) as btf:
+        yield btf
+
+
+@pytest.mark.parametrize("struct_name", sorted(MIRRORS))
+def test_cgroup_skb_path_shares_the_record_and_key_layouts(l7cg_btf, struct_name: str) -> None:
+    """l7cg.bpf.o fills the same http_stats / l7_events as the other two objects."""
+    assert compare(l7cg_btf.struct(struct_name), MIRRORS[struct_name]) == []
+
+
+@pytest.mark.parametrize("struct_name", sorted(set(PKT_MIRRORS) - {"ml_pkt_iface"}))   # tc only
+def test_l7cg_shares_the_packet_mirrors(l7cg_btf, struct_name: str) -> None:
+    assert compare(l7cg_btf.struct(struct_name), PKT_MIRRORS[struct_name]) == []
+
+
+def test_l7cg_sock_storage_and_rodata_match_btf(l7cg_btf) -> None:
+    assert compare(l7cg_btf.struct("ml_cg_sock"), MlCgSock) == []
+    assert compare(l7cg_btf.datasec(".rodata"), L7CgRodata) == []

@@ -1,16 +1,20 @@
-"""Which L7 path runs: `--l7-source packets|syscalls|auto`, and the "http" area when both run.
+"""Which L7 path runs: `--l7-source packets|syscalls|auto`, and the "http" area when several run.
 
 packets:  PacketHttpSource (agent/sources/l7/packets.py) only — pod traffic, no process names.
 syscalls: HttpSource (agent/sources/l7/http.py) only — every socket on the node, with process.
-auto:     both; each pod veth the packet path attaches to is registered with the syscall
-          path (`pkt_netns`), which then skips that pod's sockets unless their peer is
-          loopback. Pod traffic is parsed from packets, what never crosses a pod veth
-          (loopback inside a pod, hostNetwork pods, processes on a plain machine) from
-          syscalls, and each request is counted once. One DnsTracker serves both.
+auto:     packets at pod veths (tc) + CgroupHttpSource (agent/sources/l7/cgroup.py, cgroup_skb
+          on the cgroup v2 root) for what never crosses a pod veth (loopback inside a pod,
+          hostNetwork pods, processes on a plain machine, host process <-> pod), and no
+          syscalls:* tracepoint at all. Each pod veth the packet path attaches to is
+          registered with the other path (`pkt_netns`), which then skips that pod's sockets
+          unless the packet stays on loopback, so each request is counted once per side.
+          One DnsTracker serves all paths.
 
-BothHttpSource merges the two snapshots into one HttpSnapshot for exporter/prometheus/http.py.
-Attach with fallbacks: if this kernel refuses the packet object (load or verifier), auto keeps
-the syscall path for all traffic, logs why, and `meshlens check` shows it.
+Attach with fallbacks: if this kernel refuses the cgroup_skb object, auto keeps the syscall
+path for the other traffic (which then pays the syscalls:* slow path); if it refuses the tc
+packet object, the other path (cgroup_skb, or syscalls) parses pod traffic too. Either is
+logged and `meshlens check` shows it (`http/l7_pod_traffic`, `http/l7_other_traffic`).
+BothHttpSource merges the snapshots into one HttpSnapshot for exporter/prometheus/http.py.
 """
 from __future__ import annotations
 
@@ -20,50 +24,77 @@ from typing import Dict, List, Optional
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
+from meshlens.agent.sources.l7.cgroup import CHOSEN as CGROUP_CHOSEN, CgroupHttpSource, socket_hook_reasons
 from meshlens.agent.sources.l7.dns import DnsSource, DnsTracker
 from meshlens.agent.sources.l7.http import HttpConfig, HttpSnapshot, HttpSource, HttpStats
 from meshlens.agent.sources.l7.packets import PacketHttpSource
 
 L7_SOURCES = ("auto", "packets", "syscalls")
+SYSCALLS_CHOSEN = "syscalls (loopback, hostNetwork, no pod veth)"
 
 log = logging.getLogger("meshlens.http")
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
 class BothHttpSource(Source):
-    """The "http" area from the packet path and the syscall path together."""
+    """The "http" area from the packet path at pod veths and one path for the other traffic."""
 
     name = "http"
 
-    def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None) -> None:
+    def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
+                 cgroup_root: Optional[str] = None) -> None:
         self.dns = DnsTracker()
-        self.syscalls = HttpSource(config, features, self.dns)
-        self.packets = PacketHttpSource(config, features, on_pod_netns=self.syscalls.cover_netns, dns=self.dns)
-        self._parts: List[HttpSource] = [self.syscalls, self.packets]
+        self.features = features or KernelFeatures.probe()
+        self.cgroup = CgroupHttpSource(config, self.features, self.dns, cgroup_root)
+        self.syscalls = HttpSource(config, self.features, self.dns)   # started only if cgroup_skb is refused
+        self.packets = PacketHttpSource(config, self.features, on_pod_netns=self._cover, dns=self.dns)
+        self.other: HttpSource = self.cgroup
+        self._parts: List[HttpSource] = [self.cgroup, self.packets]
         self._started: List[HttpSource] = []
         self._snapshot = HttpSnapshot({}, {}, 0, 0)
+        self.cgroup_refused: Optional[str] = None   # why the kernel refused the cgroup_skb path
         self.packets_refused: Optional[str] = None  # why the kernel refused the packet path
+
+    def _cover(self, netns: int, covered: bool) -> None:
+        """A pod veth the packet path parses (or no longer parses): the other path skips (or
+        follows again) that pod's non-loopback traffic. Both candidates keep the set, so the
+        one started later (a fallback) starts with it."""
+        self.cgroup.cover_netns(netns, covered)
+        self.syscalls.cover_netns(netns, covered)
 
     @property
     def obj(self) -> Optional[bpf.BpfObject]:
-        return self.syscalls.obj
+        return self._started[0].obj if self._started else None
 
     def start(self) -> None:
         try:
-            self.syscalls.start()   # first: the packet path registers pods with it
+            self.cgroup.start()   # first: the packet path registers pods with it
+            self._started.append(self.cgroup)
+        except Exception as exc:  # noqa: BLE001 - e.g. a verifier that rejects l7cg.bpf.o here
+            self.cgroup_refused = _first_line(exc)
+            log.warning("http: cgroup_skb path refused by this kernel (%s); syscalls parse the traffic "
+                        "no pod veth carries", self.cgroup_refused)
+            self.cgroup.stop()
+            self.other = self.syscalls
+            try:
+                self.syscalls.start()
+            except Exception:
+                self.stop()
+                raise
             self._started.append(self.syscalls)
-        except Exception:
-            self.stop()
-            raise
         try:
             self.packets.start()
             self._started.append(self.packets)
         except Exception as exc:  # noqa: BLE001 - e.g. a verifier that rejects l7pkt.bpf.o here
-            self.packets_refused = str(exc).splitlines()[0][:300]
-            log.warning("http: packet path refused by this kernel (%s); syscalls parse all traffic",
-                        self.packets_refused)
+            self.packets_refused = _first_line(exc)
+            log.warning("http: packet path refused by this kernel (%s); %s parses all traffic",
+                        self.packets_refused, "cgroup_skb" if self.other is self.cgroup else "syscalls")
             self.packets.stop()
-            self.syscalls.uncover_all()
-            self._parts = [self.syscalls]
+            self.other.uncover_all()
+        self._parts = list(self._started)
 
     def stop(self) -> None:
         while self._started:
@@ -139,19 +170,23 @@ class BothHttpSource(Source):
 
     def attach_report(self) -> List[AttachChoice]:
         """Which path each kind of traffic takes (shown by `meshlens check`)."""
-        sys_ = self.syscalls.attach_report()
+        other = self.other.attach_report()
+        other_progs = [p for c in other if c.signal == "l7_payload" for p in c.programs]
+        tried = socket_hook_reasons(self.features)
+        if self.other is self.cgroup:
+            other_name = CGROUP_CHOSEN
+        else:
+            other_name = SYSCALLS_CHOSEN
+            tried.append(f"cgroup_skb: {self.cgroup_refused}")
         if self.packets_refused is not None:
-            return [AttachChoice("l7_pod_traffic", "syscalls (all traffic)",
-                                 [p for c in sys_ if c.signal == "l7_payload" for p in c.programs],
-                                 tried=[f"packets: {self.packets_refused}"]),
-                    AttachChoice("l7_other_traffic", "syscalls (loopback, hostNetwork, no pod veth)",
-                                 [p for c in sys_ if c.signal == "l7_payload" for p in c.programs])] + sys_
+            pod = AttachChoice("l7_pod_traffic", f"{other_name.split(' (')[0]} (all traffic)", other_progs,
+                               tried=[f"packets: {self.packets_refused}"])
+            return [pod, AttachChoice("l7_other_traffic", other_name, other_progs, tried=tried)] + other
         pkt = self.packets.attach_report()
         out = [AttachChoice("l7_pod_traffic", "packets (tc on pod veths)" if pkt else "",
                             [p for c in pkt if c.signal == "l7_payload" for p in c.programs]),
-               AttachChoice("l7_other_traffic", "syscalls (loopback, hostNetwork, no pod veth)" if sys_ else "",
-                            [p for c in sys_ if c.signal == "l7_payload" for p in c.programs])]
-        return out + pkt + sys_
+               AttachChoice("l7_other_traffic", other_name if other else "", other_progs, tried=tried)]
+        return out + pkt + other
 
 
 def l7_sources_for(mode: str, config: HttpConfig = HttpConfig(),

@@ -1,0 +1,100 @@
+"""cgroup_skb L7 source: loads bpf/l7cg.bpf.c (HTTP/1.x and DNS parsed from the packets of
+traffic no pod veth carries) and attaches its ingress and egress programs to the cgroup v2 root.
+
+cgroup v2 root (every socket of the node) -> kernel `http_stats` / `l7_events` / `l7_counters`
+(the same maps and core as the tc packet path, bpf/include/l7pkt_core.h) -> this module, which
+reads them exactly as PacketHttpSource does (and pairs DNS in the kernel the same way) ->
+HttpSnapshot / DnsSnapshot. Sockets of a pod whose veth the tc path parses are registered with
+`cover_netns` (map `pkt_netns`) and skipped unless the packet's device is loopback, so every
+request is counted once per side.
+
+Series carry the socket's cgroup id and netns; `process` is empty (a packet names no process).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.attach import Variant, load_with_fallback, variant_available
+from meshlens.agent.kernel.features import KernelFeatures
+from meshlens.agent.sources.base import AttachChoice, SourceHealth
+from meshlens.agent.sources.l7.http import HttpConfig
+from meshlens.agent.sources.l7.packets import PacketHttpSource
+from meshlens.agent.sources.l7.structs import L7CgRodata
+
+if TYPE_CHECKING:
+    from meshlens.agent.sources.l7.dns import DnsTracker
+
+log = logging.getLogger("meshlens.http")
+
+PROGRAMS = {"egress": "meshlens_cg_eg", "ingress": "meshlens_cg_in"}   # <16 chars: whole in bpftool
+CHOSEN = "cgroup_skb (cgroup v2 root: loopback, hostNetwork, host processes)"
+
+# What "traffic no pod veth carries" could run on, best first. The socket-level hooks would
+# see every socket's bytes without a packet parse per segment; they are only a slot in the
+# plan: this kernel has neither kprobes nor fentry, and no object implements them yet.
+SOCKET_HOOK_VARIANTS: Tuple[Variant, ...] = (
+    Variant("fentry tcp_sendmsg/tcp_recvmsg", "fentry", (), ("tcp_sendmsg", "tcp_recvmsg")),
+    Variant("kprobe tcp_sendmsg/tcp_recvmsg", "kprobe", (), ("tcp_sendmsg", "tcp_recvmsg")),
+)
+
+
+def socket_hook_reasons(features: KernelFeatures) -> List[str]:
+    """Why each socket-level variant before cgroup_skb in the plan is not used here."""
+    out = []
+    for v in SOCKET_HOOK_VARIANTS:
+        ok, why = variant_available(v, features)
+        out.append(f"{v.name}: {'not built in this release' if ok else why}")
+    return out
+
+
+def cgroup2_root() -> str:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return parts[1]
+    raise FileNotFoundError("no cgroup2 mount in /proc/mounts: cgroup_skb needs cgroup v2")
+
+
+class CgroupHttpSource(PacketHttpSource):
+    """The packet path's reader over l7cg.bpf.o on the cgroup v2 root instead of tc on veths
+    (no link watch: one attach point covers every socket)."""
+
+    def __init__(self, config: HttpConfig = HttpConfig(), features: Optional[KernelFeatures] = None,
+                 dns: Optional["DnsTracker"] = None, cgroup_root: Optional[str] = None,
+                 test_netns: int = 0) -> None:
+        super().__init__(config, features, on_pod_netns=None, watch=False, dns=dns)
+        self.cgroup_root = cgroup_root
+        self.test_netns = test_netns   # BPF_PROG_TEST_RUN only (l7cg.bpf.c's test_netns)
+
+    def _configure(self, obj: bpf.BpfObject) -> None:
+        super()._configure(obj)
+        obj.set_rodata({"sample_every": self.config.sample_every, "test_netns": self.test_netns}, L7CgRodata)
+
+    def start(self) -> None:
+        root = self.cgroup_root or cgroup2_root()
+        self.obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+        try:
+            for prog in PROGRAMS.values():
+                self.obj.attach_cgroup(prog, root)
+            self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
+            for netns in list(self._covered):
+                self._write_covered(netns, True)
+        except Exception:
+            self.stop()
+            raise
+        progs = list(PROGRAMS.values())
+        tried = socket_hook_reasons(self.features)
+        self._choices = [AttachChoice("l7_payload", "cgroup_skb", progs, tried=tried),
+                         AttachChoice("dns_packets", "cgroup_skb", progs)]
+        log.info("l7: HTTP/DNS from packets on cgroup %s (cgroup_skb %s)", root, ", ".join(progs))
+
+    def health(self) -> SourceHealth:
+        h = super().health()
+        h.kernel_counters.pop("attach_errors", None)
+        h.map_entries.pop("pkt_ifaces", None)
+        h.map_entries["pkt_netns"] = len(self._covered)
+        return h
