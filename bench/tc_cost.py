@@ -10,10 +10,11 @@ requests are nginx's access log (ground truth). With the L7 parser chained behin
 (one filter per hook, a tail call) its time is part of the counter program's run: bpf_stats
 charges a tail-called program's time to the program the filter runs.
 
-Modes: `tc` (counters alone), `l7` (packet parser alone), `both-unchained` (counters +
-parser as two filters per hook).
+Modes: `tc` (counters alone), `l7` (packet parser alone), `both` (counters + parser chained
+as the agent runs them: one filter per hook, a tail call), `both-unchained` (counters +
+parser as two filters per hook, as before the chain).
 
-    python -m bench.tc_cost [--modes tc,l7,both-unchained] [--rate 5000] [--seconds 5] [--rounds 3]
+    python -m bench.tc_cost [--modes tc,both,both-unchained] [--rate 5000] [--seconds 5] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .agentrun import bpf_stats_enabled, prog_delta, prog_stats
 from .env import BusyMeter
 from .workloads import SMALL, Testbed
 
-MODES = ("tc", "l7", "both-unchained")
+MODES = ("tc", "l7", "both", "both-unchained")
 
 
 class HookSources:
@@ -50,15 +51,22 @@ class HookSources:
             raise RuntimeError(f"not pod veths: {ifnames}")
         self.links = links
         self.tc = self.l7 = None
-        if mode in ("l7", "both-unchained"):
+        chain = None
+        if mode == "both":
+            from meshlens.agent.sources.tc.chain import TcChain
+
+            chain = TcChain()
+        if mode in ("l7", "both", "both-unchained"):
             from meshlens.agent.sources.l7.packets import PacketHttpSource
 
             self.l7 = PacketHttpSource(features=features, watch=False)
+            if chain is not None:
+                self.l7.use_tc_chain(chain)
             self.sources.append(self.l7)
-        if mode in ("tc", "both-unchained"):
+        if mode in ("tc", "both", "both-unchained"):
             from meshlens.agent.sources.tc.source import TcSource
 
-            self.tc = TcSource(features=features, watch=False)
+            self.tc = TcSource(features=features, watch=False, chain=chain)
             self.sources.append(self.tc)
 
     def start(self) -> "HookSources":
@@ -140,7 +148,7 @@ def render(results: List[Dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="tc,l7,both-unchained", help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="tc,both,both-unchained", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
