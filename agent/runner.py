@@ -68,12 +68,13 @@ def default_sources(config: AgentConfig, features: KernelFeatures,
                       rerank_s=config.tcp.peer_rerank_s)
     sources: List[Source] = [TcpSource(flows, config.tcp, features)]
     # the packet L7 parser runs from the tc counter programs when both run: one filter per hook
-    chain = TcChain() if "l7" in config.features and "tc" in config.features else None
+    chain: Optional[TcChain] = None
     if "l7" in config.features:
         l7 = l7_sources_for(config.l7_source, config.http, features)
         for s in l7:
             packets = getattr(s, "packets", s)   # BothHttpSource holds its PacketHttpSource
-            if chain is not None and hasattr(packets, "use_tc_chain"):
+            if "tc" in config.features and hasattr(packets, "use_tc_chain"):
+                chain = TcChain()
                 packets.use_tc_chain(chain)
         sources += l7
     if "tc" in config.features:

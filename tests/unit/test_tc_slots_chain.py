@@ -88,3 +88,27 @@ def test_chain_empties_when_either_side_stops() -> None:
     chain.withdraw_array()  # the tc source stops
     assert arr.slots == {} and not chain.active
     chain.unchain()  # and then the L7 source: nothing left to touch
+
+
+@pytest.mark.parametrize("l7_source,features,chained", [
+    ("packets", ("l4", "l7", "tc", "sat"), True),
+    ("auto", ("l4", "l7", "tc", "sat"), True),     # BothHttpSource's packet half
+    ("syscalls", ("l4", "l7", "tc", "sat"), False),
+    ("packets", ("l4", "l7"), False),              # no tc: the parser keeps its own filters
+    ("packets", ("l4", "tc"), False),              # no L7: nothing to chain
+])
+def test_runner_chains_the_parser_only_when_both_run(l7_source: str, features: tuple, chained: bool) -> None:
+    from meshlens.agent.kernel.features import KernelFeatures
+    from meshlens.agent.runner import AgentConfig, default_sources
+    from meshlens.agent.sources.l7.packets import PacketHttpSource
+    from meshlens.agent.sources.tc.source import TcSource
+
+    kf = KernelFeatures("6.18", True, None, True, False, -1)  # construction only: nothing is loaded
+    sources = default_sources(AgentConfig(l7_source=l7_source, features=features), kf)
+    tc = [s for s in sources if isinstance(s, TcSource)]
+    pkt = [p for s in sources for p in (s, getattr(s, "packets", None)) if isinstance(p, PacketHttpSource)]
+    chains = {id(x.chain) for x in tc + pkt if x.chain is not None}
+    if chained:
+        assert len(tc) == 1 and len(pkt) == 1 and tc[0].chain is pkt[0].chain is not None
+    else:
+        assert chains == set()
