@@ -296,7 +296,9 @@ class TcSource(ObjectSource):
                     counters[key_] = c
         ifstats = self.obj.map("ifstats")
         unslotted = self._unslotted_gone
+        hashed = 0
         for k, v in ifstats.items_raw():
+            hashed += 1
             key = TcIfKey.from_buffer_copy(k)
             s = sum_structs(percpu_values(v, TcIfStats, self._ncpu), TcIfStats)
             unslotted += s.packets
@@ -343,7 +345,7 @@ class TcSource(ObjectSource):
             interfaces = dict(self._interfaces)
             self._kernel = kernel
             self._unslotted = unslotted
-            self._entries = {"tc_ifstats": len(counters), "tc_rtt": len(rtt), "tc_drops": len(drops),
+            self._entries = {"tc_ifstats": hashed, "tc_rtt": len(rtt), "tc_drops": len(drops),
                              "tc_syns": self._entries.get("tc_syns", 0)}
             self._snap = TcSnapshot(
                 interfaces=interfaces,
@@ -398,10 +400,11 @@ class TcSource(ObjectSource):
         c = self.config
         with self._lock:
             slots_in_use = len(self._slots.in_use())
-            refused = self._slots.refused
+            without = sum(1 for i in self._interfaces.values()
+                          if i.attached and not i.slot and i.ifindex not in self._removed)
             unslotted = self._unslotted
         k.update(attach_errors=self.attach_errors, syns_expired=self.syns_expired,
-                 stale_filters_removed=self.stale_filters_removed, interfaces_without_slot=refused,
+                 stale_filters_removed=self.stale_filters_removed, interfaces_without_slot=without,
                  unslotted_packets=unslotted,
                  link_callback_errors=self.watcher.callback_errors if self.watcher else 0)
         return SourceHealth(
@@ -409,8 +412,8 @@ class TcSource(ObjectSource):
             events_lost={"ifstats_full": k.get("ifstats_full", 0), "syns_full": k.get("syns_full", 0),
                          "rtt_full": k.get("rtt_full", 0), "drops_full": k.get("drops_full", 0)},
             map_entries={**entries, "tc_if_slots": slots_in_use},
-            map_capacity={"tc_if_slots": c.interface_slots, "tc_ifstats": c.ifstats_max_entries, "tc_syns": c.syns_max_entries,
-                          "tc_rtt": c.rtt_max_entries, "tc_drops": c.drops_max_entries},
+            map_capacity={"tc_if_slots": c.interface_slots, "tc_ifstats": c.ifstats_max_entries,
+                          "tc_syns": c.syns_max_entries, "tc_rtt": c.rtt_max_entries, "tc_drops": c.drops_max_entries},
             kernel_counters=k,
             callback_errors=self.watcher.callback_errors if self.watcher else 0,
         )
