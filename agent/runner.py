@@ -24,6 +24,7 @@ from meshlens.agent.aggregate.service_map import ServiceMap
 from meshlens.agent.aggregate.snapshot import AgentSnapshot, ProcessStats
 from meshlens.agent.sources.base import Source
 from meshlens.agent.sources.tcp.source import TcpConfig, TcpSource
+from meshlens.agent.sources.tc.chain import TcChain
 from meshlens.agent.sources.tc.source import TcConfig, TcSource
 from meshlens.agent.sources.l7.http import HttpConfig
 from meshlens.agent.sources.l7.select import l7_sources_for
@@ -66,11 +67,19 @@ def default_sources(config: AgentConfig, features: KernelFeatures,
                       max_peers_per_workload=config.tcp.max_peers_per_workload, is_external=is_external,
                       rerank_s=config.tcp.peer_rerank_s)
     sources: List[Source] = [TcpSource(flows, config.tcp, features)]
+    # the packet L7 parser runs from the tc counter programs when both run: one filter per hook
+    chain: Optional[TcChain] = None
     if "l7" in config.features:
-        sources += l7_sources_for(config.l7_source, config.http, features)
+        l7 = l7_sources_for(config.l7_source, config.http, features)
+        for s in l7:
+            packets = getattr(s, "packets", s)   # BothHttpSource holds its PacketHttpSource
+            if "tc" in config.features and hasattr(packets, "use_tc_chain"):
+                chain = TcChain()
+                packets.use_tc_chain(chain)
+        sources += l7
     if "tc" in config.features:
         sources.append(TcSource(TcConfig(max_peers_per_interface=config.tcp.max_peers_per_workload), features,
-                                is_external=is_external))
+                                is_external=is_external, chain=chain))
     if "sat" in config.features:
         sources.append(SaturationSource(config.sat, features))
     return sources

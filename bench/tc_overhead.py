@@ -85,7 +85,9 @@ class TcPrograms:
 def per_run_ns(repeat: int = 200_000) -> Dict[str, float]:
     """Mean run time of one program invocation (BPF_PROG_TEST_RUN, `repeat` runs in the
     kernel, no scheduling noise) on typical frames: the per-skb cost the throughput rounds
-    cannot resolve on a busy 2-core machine."""
+    cannot resolve on a busy 2-core machine. A test run cannot set the skb's classid, so
+    these runs count through the no-slot fallback (the `ifstats` hash): an upper bound of the
+    slotted path real veths take (bench/tc_cost.py measures that one)."""
     from tests.integration import tc_packets as pk
 
     frames = {

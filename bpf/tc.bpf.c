@@ -2,27 +2,42 @@
 /* tc.bpf.c — per-pod traffic seen at the host side of each pod's veth.
  *
  * Kernel side of the tc pipeline. Two sched_cls programs (direct-action, attached to the
- * clsact ingress and egress hooks of every pod's host-side veth by agent/tc_attach.py)
+ * clsact ingress and egress hooks of every pod's host-side veth by agent/sources/tc/attach.py)
  * parse Ethernet, up to ML_TC_MAX_VLAN 802.1Q/802.1ad tags, IPv4 (IHL, fragments) or IPv6
- * (up to ML_TC_MAX_IPV6_EXT extension headers) and TCP flags, and count per
- * (ifindex, direction) in `ifstats`. A SYN is remembered in `syns` (keyed by its 4-tuple and
- * interface) until the SYN-ACK passes the same interface the other way; the difference is
- * the handshake RTT, kept per (interface, role, peer) as a log2 histogram in `rtt`.
- * Entries whose SYN is never answered are expired by the agent's sweep. Maps are plain
- * hashes, never LRU: when one is full the update fails and the failure is counted.
+ * (up to ML_TC_MAX_IPV6_EXT extension headers) and TCP flags, and count per interface and
+ * direction. A SYN is remembered in `syns` (keyed by its 4-tuple and interface) until the
+ * SYN-ACK passes the same interface the other way; the difference is the handshake RTT, kept
+ * per (interface, role, peer) as a log2 histogram in `rtt`. Entries whose SYN is never
+ * answered are expired by the agent's sweep. Maps are plain hashes, never LRU: when one is
+ * full the update fails and the failure is counted.
+ *
+ * Counting costs no hash lookup: the agent gives every interface it attaches to a slot of the
+ * per-CPU array `if_slots` and attaches both filters with the slot as their classid, which
+ * cls_bpf writes into the skb (skb->tc_classid) right before it runs the program. Slot 0 (no
+ * slot: the table was full, or a BPF_PROG_TEST_RUN, which cannot set a classid) falls back to
+ * the per-CPU hash `ifstats` keyed by ifindex (the agent reports how many interfaces and
+ * packets took that path).
+ *
+ * Headers of the usual frame (untagged IPv4 or IPv6, then TCP, all in the linear head) are
+ * read in place through skb->data; every other frame goes through the general parser, which
+ * reads with bpf_skb_load_bytes where a header lies beyond the linear head (a paged
+ * fragment) and bounds-checks against skb->len: a header cut off by the end of the packet is
+ * a counted parse failure. Only SYN, SYN-ACK and RST segments touch the handshake maps.
+ * Bytes are skb->len as the programs see it, which is the L2 frame as the veth's own
+ * counters count it.
  *
  * Drops: a tc program only sees packets that reach it, so "drops seen" come from the
  * skb:kfree_skb tracepoint (real drops: consumed skbs go to skb:consume_skb), filtered to
  * the devices the agent registered in `tracked` (host-side veth and its pod-side peer,
  * matched by netns inode and ifindex) and counted by drop reason in `drops`.
  *
- * Headers are read with bpf_skb_load_bytes, which bounds-checks against skb->len (the
- * whole packet, linear head and fragments) rather than data_end (the linear head only):
- * a header cut off by the end of the packet is a counted parse failure, and a header that
- * lies in a paged fragment is still parsed. Bytes are skb->len as the programs see it,
- * which is the L2 frame as the veth's own counters count it.
+ * One filter per hook: when the L7 packet parser (bpf/l7pkt.bpf.c) runs on the same veths,
+ * the agent puts its two programs into `l7_progs` and each counter program ends with a tail
+ * call to the parser for its direction, so a packet pays one filter dispatch. With the array
+ * empty the tail call falls through.
  *
- * Both programs return TC_ACT_UNSPEC: the next filter (or the default action) decides.
+ * Both programs return TC_ACT_UNSPEC (so does the parser): the next filter (or the default
+ * action) decides.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -57,12 +72,29 @@ struct ml_tc_if_stats *unused_if_stats __attribute__((unused));
 struct ml_tc_rtt_hist *unused_rtt_hist __attribute__((unused));
 struct ml_tc_dev *unused_dev __attribute__((unused));
 
+/* Index (slot - 1) * 2 + direction; slot = the filter's classid. Resized by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * 1024);
+	__type(key, __u32);
+	__type(value, struct ml_tc_if_stats);
+} if_slots SEC(".maps");
+
+/* Interfaces without a slot (see above): 2 entries per interface; resized by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 8192); /* 2 per interface; resized by the agent before load */
+	__uint(max_entries, 512);
 	__type(key, struct ml_tc_if_key);
 	__type(value, struct ml_tc_if_stats);
 } ifstats SEC(".maps");
+
+/* The L7 packet parser's programs, by direction (agent/sources/tc/chain.py fills it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u32);
+} l7_progs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -181,11 +213,10 @@ struct ml_tcp {
 	__u16 urg;
 };
 
+/* Where the headers are; the addresses and ports are read only for a handshake segment. */
 struct parsed {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
+	__u32 l3_off; /* IP header */
+	__u32 l4_off; /* TCP header (if tcp) */
 	__u8 family;
 	__u8 tcp;   /* 1: a TCP header was parsed */
 	__u8 flags; /* TCP flags */
@@ -225,8 +256,7 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, __u32 off, __u32 end
 		return tc_fail(ML_TC_CNT_BAD_TCP);
 	if (off + doff > end)
 		return tc_fail(ML_TC_CNT_SHORT_TCP);
-	p->sport = bpf_ntohs(th.sport);
-	p->dport = bpf_ntohs(th.dport);
+	p->l4_off = off;
 	p->flags = th.flags;
 	p->tcp = 1;
 	return PARSE_L4;
@@ -249,8 +279,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	if (off + ihl > end)
 		return tc_fail(ML_TC_CNT_SHORT_IPV4);
 	p->family = 4;
-	__builtin_memcpy(p->saddr, &ip.saddr, 4);
-	__builtin_memcpy(p->daddr, &ip.daddr, 4);
+	p->l3_off = off;
 	if (bpf_ntohs(ip.frag_off) & 0x1fff) {
 		tc_count(ML_TC_CNT_FRAGMENTS); /* only the first fragment carries the L4 header */
 		return PARSE_NO_L4;
@@ -273,8 +302,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 	if ((bpf_ntohl(ip6.ver_tc_flow) >> 28) != 6)
 		return tc_fail(ML_TC_CNT_BAD_IPV6);
 	p->family = 6;
-	__builtin_memcpy(p->saddr, ip6.saddr, 16);
-	__builtin_memcpy(p->daddr, ip6.daddr, 16);
+	p->l3_off = off;
 	off += sizeof(ip6);
 	end = l3_end(skb, off, bpf_ntohs(ip6.payload_len));
 	nh = ip6.nexthdr;
@@ -357,15 +385,88 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct parsed *p)
 	return PARSE_NO_L4;
 }
 
-static __always_inline struct ml_tc_if_stats *if_stats(struct ml_tc_if_key *key)
+/* The usual frame in place: untagged IPv4 (not a later fragment) or IPv6 without extension
+ * headers, then TCP or a protocol without flags, every header between skb->data and
+ * data_end, lengths consistent. PARSE_L4 when it is such a frame (the result tc_parse would
+ * give), -1 for anything else, which tc_parse then takes from the start: so every malformed
+ * frame is judged, and counted by reason, in one place. */
+static __always_inline int fast_parse(struct __sk_buff *skb, struct parsed *p)
 {
-	struct ml_tc_if_stats zero = {};
-	struct ml_tc_if_stats *s = bpf_map_lookup_elem(&ifstats, key);
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 len = skb->len, l4, l3end, doff;
+	__u8 *th, vi, nh;
+	__u16 tot;
 
+	if (data + ETH_HLEN + sizeof(struct ml_ip6) > end)
+		return -1;
+	if (*(__u16 *)(data + 12) == bpf_htons(ETH_P_IP)) {
+		vi = *(__u8 *)(data + ETH_HLEN);
+		if ((vi >> 4) != 4 || (vi & 0x0f) < 5)
+			return -1;
+		tot = bpf_ntohs(*(__u16 *)(data + ETH_HLEN + 2));
+		l4 = ETH_HLEN + (vi & 0x0f) * 4;
+		l3end = ETH_HLEN + tot;
+		if (l3end < l4 || l3end > len || (*(__u16 *)(data + ETH_HLEN + 6) & bpf_htons(0x1fff)))
+			return -1; /* BIG TCP's 0, a lie, a later fragment: the general parser decides */
+		p->family = 4;
+		p->l3_off = ETH_HLEN;
+		p->tcp = 0;
+		if (*(__u8 *)(data + ETH_HLEN + 9) != IPPROTO_TCP)
+			return PARSE_L4;
+	} else if (*(__u16 *)(data + 12) == bpf_htons(ETH_P_IPV6)) {
+		if ((*(__u8 *)(data + ETH_HLEN) >> 4) != 6)
+			return -1;
+		tot = bpf_ntohs(*(__u16 *)(data + ETH_HLEN + 4));
+		l4 = ETH_HLEN + sizeof(struct ml_ip6);
+		l3end = l4 + tot;
+		if (!tot || l3end > len)
+			return -1;
+		nh = *(__u8 *)(data + ETH_HLEN + 6);
+		p->family = 6;
+		p->l3_off = ETH_HLEN;
+		p->tcp = 0;
+		if (nh != IPPROTO_TCP) {
+			switch (nh) {
+			case IPPROTO_HOPOPTS:
+			case IPPROTO_ROUTING:
+			case IPPROTO_DSTOPTS:
+			case IPPROTO_AH:
+			case IPPROTO_FRAGMENT:
+			case IPPROTO_ESP:
+			case IPPROTO_NONE:
+				return -1;
+			}
+			return PARSE_L4;
+		}
+	} else {
+		return -1;
+	}
+	th = data + l4;
+	if ((void *)(th + sizeof(struct ml_tcp)) > end || l4 + sizeof(struct ml_tcp) > l3end)
+		return -1;
+	doff = (th[12] >> 4) * 4;
+	if (doff < sizeof(struct ml_tcp) || l4 + doff > l3end)
+		return -1;
+	p->l4_off = l4;
+	p->flags = th[13];
+	p->tcp = 1;
+	return PARSE_L4;
+}
+
+/* The counters of an interface without a slot (see the header comment): created on its
+ * first packet in the `ifstats` hash. */
+static __always_inline struct ml_tc_if_stats *unslotted_stats(__u32 ifindex, __u32 dir)
+{
+	struct ml_tc_if_key key = { .ifindex = ifindex, .direction = dir };
+	struct ml_tc_if_stats zero = {};
+	struct ml_tc_if_stats *s;
+
+	s = bpf_map_lookup_elem(&ifstats, &key);
 	if (s)
 		return s;
-	bpf_map_update_elem(&ifstats, key, &zero, BPF_NOEXIST); /* EEXIST if another CPU won */
-	s = bpf_map_lookup_elem(&ifstats, key);
+	bpf_map_update_elem(&ifstats, &key, &zero, BPF_NOEXIST); /* EEXIST if another CPU won */
+	s = bpf_map_lookup_elem(&ifstats, &key);
 	if (!s)
 		tc_count(ML_TC_CNT_IFSTATS_FULL);
 	return s;
@@ -418,20 +519,43 @@ static __always_inline void record_rtt(struct ml_tc_flow_key *syn, __u64 rtt_ns)
 	h->slots[slot & (ML_TC_RTT_SLOTS - 1)] += 1;
 }
 
+/* The 4-tuple of a handshake segment, read from the headers the parser located. */
+static __always_inline int read_tuple(struct __sk_buff *skb, struct parsed *p, struct ml_tc_flow_key *k)
+{
+	__u16 ports[2];
+
+	if (p->family == 4) {
+		if (ld(skb, p->l3_off + 12, k->saddr, 4) || ld(skb, p->l3_off + 16, k->daddr, 4))
+			return -1;
+	} else if (ld(skb, p->l3_off + 8, k->saddr, 16) || ld(skb, p->l3_off + 24, k->daddr, 16)) {
+		return -1;
+	}
+	if (ld(skb, p->l4_off, ports, sizeof(ports)))
+		return -1;
+	k->sport = bpf_ntohs(ports[0]);
+	k->dport = bpf_ntohs(ports[1]);
+	return 0;
+}
+
+/* A SYN, SYN-ACK or RST (the caller checks): start, close or cancel a handshake. Inlined,
+ * not a subprogram: a program with a tail call and subprograms gets 256 bytes of stack per
+ * frame, and the general parser needs more. */
 static __always_inline void track_handshake(struct __sk_buff *skb, struct parsed *p, __u32 dir)
 {
-	struct ml_tc_flow_key key = {};
+	struct ml_tc_flow_key seg = {}, key = {};
 	struct ml_tc_syn *waiting;
 	struct ml_tc_syn syn;
 	__u8 f = p->flags;
 
+	if (read_tuple(skb, p, &seg))
+		return; /* cannot happen: the parser read these bytes */
 	key.ifindex = skb->ifindex;
 	key.family = p->family;
 	if ((f & TCP_SYN) && !(f & TCP_ACK)) {
-		__builtin_memcpy(key.saddr, p->saddr, 16);
-		__builtin_memcpy(key.daddr, p->daddr, 16);
-		key.sport = p->sport;
-		key.dport = p->dport;
+		__builtin_memcpy(key.saddr, seg.saddr, 16);
+		__builtin_memcpy(key.daddr, seg.daddr, 16);
+		key.sport = seg.sport;
+		key.dport = seg.dport;
 		key.direction = dir;
 		if (bpf_map_lookup_elem(&syns, &key))
 			tc_count(ML_TC_CNT_SYN_RETRANSMITS);
@@ -440,13 +564,11 @@ static __always_inline void track_handshake(struct __sk_buff *skb, struct parsed
 			tc_count(ML_TC_CNT_SYNS_FULL);
 		return;
 	}
-	if (!(f & (TCP_SYN | TCP_RST)))
-		return;
 	/* A SYN-ACK or RST answers the SYN that went the other way on this interface. */
-	__builtin_memcpy(key.saddr, p->daddr, 16);
-	__builtin_memcpy(key.daddr, p->saddr, 16);
-	key.sport = p->dport;
-	key.dport = p->sport;
+	__builtin_memcpy(key.saddr, seg.daddr, 16);
+	__builtin_memcpy(key.daddr, seg.saddr, 16);
+	key.sport = seg.dport;
+	key.dport = seg.sport;
 	key.direction = dir == ML_TC_INGRESS ? ML_TC_EGRESS : ML_TC_INGRESS;
 	waiting = bpf_map_lookup_elem(&syns, &key);
 	if (!waiting) {
@@ -467,38 +589,44 @@ static __always_inline void track_handshake(struct __sk_buff *skb, struct parsed
 
 static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir)
 {
-	struct ml_tc_if_key key = { .ifindex = skb->ifindex, .direction = dir };
-	struct ml_tc_if_stats *s = if_stats(&key);
+	/* the slot's two entries: (classid - 1) * 2 + dir; classid 0 wraps past the array */
+	__u32 idx = skb->tc_classid * 2 + dir - 2;
+	struct ml_tc_if_stats *s = bpf_map_lookup_elem(&if_slots, &idx);
 	struct parsed p = {};
-	__u32 segs = skb->gso_segs;
+	__u32 segs;
 	int res;
 
 	packets_seen();
-	res = tc_parse(skb, &p);
+	res = fast_parse(skb, &p);
+	if (res < 0)
+		res = tc_parse(skb, &p);
 	if (!s)
-		goto out;
-	s->packets += 1;
-	s->bytes += skb->len;
-	s->segs += segs > 1 ? segs : 1;
-	if (res == PARSE_FAILED) {
-		s->parse_failures += 1;
-		goto out;
+		s = unslotted_stats(skb->ifindex, dir);
+	if (s) {
+		segs = skb->gso_segs;
+		s->packets += 1;
+		s->bytes += skb->len;
+		s->segs += segs > 1 ? segs : 1;
+		if (res == PARSE_FAILED)
+			s->parse_failures += 1;
 	}
-	if (res != PARSE_L4 || !p.tcp)
-		goto out;
-	if (p.flags & TCP_SYN) {
-		if (p.flags & TCP_ACK)
-			s->tcp_synack += 1;
-		else
-			s->tcp_syn += 1;
+	if (res == PARSE_L4 && p.tcp && (p.flags & (TCP_SYN | TCP_FIN | TCP_RST))) {
+		if (s) {
+			if (p.flags & TCP_SYN) {
+				if (p.flags & TCP_ACK)
+					s->tcp_synack += 1;
+				else
+					s->tcp_syn += 1;
+			}
+			if (p.flags & TCP_FIN)
+				s->tcp_fin += 1;
+			if (p.flags & TCP_RST)
+				s->tcp_rst += 1;
+		}
+		if (p.flags & (TCP_SYN | TCP_RST))
+			track_handshake(skb, &p, dir);
 	}
-	if (p.flags & TCP_FIN)
-		s->tcp_fin += 1;
-	if (p.flags & TCP_RST)
-		s->tcp_rst += 1;
-out:
-	if (res == PARSE_L4 && p.tcp)
-		track_handshake(skb, &p, dir);
+	bpf_tail_call(skb, &l7_progs, dir); /* the L7 parser, when the agent chained it */
 	return TC_ACT_UNSPEC;
 }
 

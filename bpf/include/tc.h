@@ -1,4 +1,4 @@
-/* tc.h — structs shared by tc.bpf.c and the agent's ctypes mirror (agent/tc_structs.py).
+/* tc.h — structs shared by tc.bpf.c and the agent's ctypes mirror (agent/sources/tc/structs.py).
  * Explicitly padded: compiled with -Wpadded, and tests/unit/test_tc_struct_mirrors.py
  * compares every mirror with the compiled object's BTF.
  */
@@ -16,13 +16,13 @@ enum ml_tc_dir {
 	ML_TC_EGRESS = 1,
 };
 
-/* Key of `ifstats`. */
+/* Key of `ifstats` (interfaces without a slot of `if_slots`). */
 struct ml_tc_if_key {
 	__u32 ifindex;
 	__u32 direction; /* enum ml_tc_dir */
 };
 
-/* Value of `ifstats` (per-CPU; the agent sums the CPUs). One skb is one packet, as the
+/* Value of `if_slots` and `ifstats` (per-CPU; the agent sums the CPUs). One skb is one packet, as the
  * interface's own counters (`ip -s link`) count them; `segs` counts GSO segments. */
 struct ml_tc_if_stats {
 	__u64 packets;
@@ -123,7 +123,7 @@ enum ml_tc_counter {
 	ML_TC_CNT_BAD_TCP = 11,         /* parse failure: data offset < 5 */
 	ML_TC_CNT_NON_IP = 12,          /* not a failure: ARP, LLDP, ... (not parsed further) */
 	ML_TC_CNT_FRAGMENTS = 13,       /* not a failure: non-first fragments (no L4 header) */
-	ML_TC_CNT_IFSTATS_FULL = 14,    /* `ifstats` update failed: packet not counted per interface */
+	ML_TC_CNT_IFSTATS_FULL = 14,    /* no slot and `ifstats` full: packet not counted per interface */
 	ML_TC_CNT_SYNS_FULL = 15,       /* `syns` update failed: that handshake gets no RTT */
 	ML_TC_CNT_RTT_FULL = 16,        /* `rtt` update failed: that RTT sample is lost */
 	ML_TC_CNT_DROPS_FULL = 17,      /* `drops` update failed: that drop is only in DROPS_SEEN */

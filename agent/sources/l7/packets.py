@@ -12,6 +12,10 @@ DNS counters to the tracker.
 
 Series from packets carry cgroup_id 0 and an empty process name (a packet names no process):
 the pod is its network namespace, which the identity layer resolves.
+
+With a TcChain (agent/sources/tc/chain.py, given by the runner when the tc source runs too)
+the two programs attach no filters: the tc counter programs tail-call them, one filter per
+hook. Without one they sit in their own filters right behind the counters'.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
 from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
 from meshlens.agent.sources.l7.structs import L7PktRodata, MlDnsPending, MlPktIface
 from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
+from meshlens.agent.sources.tc.chain import TcChain
 from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo, LinkWatcher, NetnsResolver
 
 if TYPE_CHECKING:
@@ -53,6 +58,12 @@ class PacketHttpSource(HttpSource):
         self._lock = threading.Lock()
         self.interfaces: Dict[int, int] = {}   # ifindex -> pod netns inode
         self.attach_errors = 0
+        self.chain: Optional[TcChain] = None   # set before start: run from the tc filters
+        self.chained = False
+
+    def use_tc_chain(self, chain: TcChain) -> None:
+        """Run from the tc counter programs (a tail call) instead of filters of our own."""
+        self.chain = chain
 
     def _configure(self, obj: bpf.BpfObject) -> None:
         obj.map("pkt_conns").max_entries = self.config.conns_max_entries
@@ -66,9 +77,14 @@ class PacketHttpSource(HttpSource):
         try:
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
             fds = {d: self.obj.program(p).fd for d, p in PROGRAMS.items()}
-            self.attacher = TcAttacher(fds, prio=L7_FILTER_PRIO, kind="l7")
-            self._choices = [AttachChoice("l7_payload", "tc_packets", list(PROGRAMS.values())),
-                             AttachChoice("dns_packets", "tc_packets", list(PROGRAMS.values()))]
+            if self.chain:
+                self.chain.chain(fds)
+                self.chained = True
+            else:
+                self.attacher = TcAttacher(fds, prio=L7_FILTER_PRIO, kind="l7")
+            variant = "tc_chained" if self.chained else "tc_packets"
+            self._choices = [AttachChoice("l7_payload", variant, list(PROGRAMS.values())),
+                             AttachChoice("dns_packets", variant, list(PROGRAMS.values()))]
             if self.watch:
                 self.watcher = LinkWatcher(self.link_up, self.link_gone, None)
                 self.watcher.start()
@@ -76,12 +92,16 @@ class PacketHttpSource(HttpSource):
         except Exception:
             self.stop()
             raise
-        log.info("l7: HTTP/DNS from packets on pod veths (tc %s)", ", ".join(PROGRAMS.values()))
+        log.info("l7: HTTP/DNS from packets on pod veths (tc %s%s)", ", ".join(PROGRAMS.values()),
+                 ", tail-called by the tc counters" if self.chained else "")
 
     def stop(self) -> None:
         if self.watcher:
             self.watcher.stop()
             self.watcher = None
+        if self.chained and self.chain:
+            self.chain.unchain()
+            self.chained = False
         if self.attacher:
             self.attacher.detach_all()
             self.attacher = None
@@ -90,11 +110,12 @@ class PacketHttpSource(HttpSource):
     # ---- links (watcher thread) ------------------------------------------------------
     def link_up(self, link: LinkInfo) -> None:
         """A pod veth: attach, then let the programs parse it (pkt_ifaces names its pod)."""
-        if link.kind != KIND_POD_VETH or not self.attacher or not self.obj:
+        if link.kind != KIND_POD_VETH or not (self.attacher or self.chained) or not self.obj:
             return
         netns = self.resolver.resolve(link.peer_netnsid) if link.peer_netnsid >= 0 else 0
         try:
-            self.attacher.attach(link.ifindex, link.name)
+            if self.attacher:   # chained: the tc source's filters on this veth run us
+                self.attacher.attach(link.ifindex, link.name)
         except Exception as exc:  # noqa: BLE001 - counted and logged per interface
             self.attach_errors += 1
             log.warning("l7: cannot attach to %s: %s", link.name, exc)

@@ -231,7 +231,9 @@ class TcAttacher:
         # to the same new veth from two watcher threads, and the clsact check-then-add races
         self._lock = _ATTACH_LOCK
 
-    def attach(self, ifindex: int, ifname: str) -> Attachment:
+    def attach(self, ifindex: int, ifname: str, classid: Optional[int] = 1) -> Attachment:
+        """Both filters on ifindex, with `classid` (the programs read it as skb->tc_classid:
+        the tc counters' slot; None: none)."""
         with self._lock, IPRoute() as ipr:
             if ifindex in self.attached:
                 return self.attached[ifindex]
@@ -239,7 +241,7 @@ class TcAttacher:
             att = Attachment(ifindex, ifname, created)
             try:
                 for direction, fd in self.prog_fds.items():
-                    self._add_filter(ipr, ifindex, direction, fd)
+                    self._add_filter(ipr, ifindex, direction, fd, classid)
                     att.directions.append(direction)
             except Exception:
                 self._remove(ipr, att)
@@ -263,10 +265,10 @@ class TcAttacher:
             time.sleep(0.02 * (attempt + 1))
         raise TcAttachError(f"{ifname}: an ingress qdisc other than clsact is in the way")
 
-    def _add_filter(self, ipr: IPRoute, ifindex: int, direction: str, fd: int) -> None:
+    def _add_filter(self, ipr: IPRoute, ifindex: int, direction: str, fd: int, classid: Optional[int]) -> None:
         try:
             ipr.tc("add-filter", "bpf", ifindex, self.handle, fd=fd, name=filter_name(direction, self.kind),
-                   parent=PARENTS[direction], classid=1, direct_action=True, prio=self.prio, protocol=ETH_P_ALL)
+                   parent=PARENTS[direction], classid=classid, direct_action=True, prio=self.prio, protocol=ETH_P_ALL)
         except NetlinkError as exc:
             raise TcAttachError(f"ifindex {ifindex}: cannot add {direction} filter: {exc}") from exc
 

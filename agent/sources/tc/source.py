@@ -5,8 +5,18 @@ link notifications (agent/sources/tc/link_watch.py) -> attach ingress/egress pro
 exporter/prometheus/tc.py. The snapshot maps every interface to its name and its peer's network
 namespace inode, which the identity layer turns into a pod.
 
+Every attached interface gets a counter slot (agent/sources/tc/slots.py): an entry pair of
+the per-CPU array `if_slots`, zeroed before use, whose number is the classid of the
+interface's filters. An interface that finds the table full is counted in the `ifstats`
+hash instead (health: `interfaces_without_slot`, `unslotted_packets`). When an
+interface goes away its slot's last values are kept as its final counters and the slot is
+free for the next interface.
+
 Drops come from the optional skb:kfree_skb tracepoint program (see bpf/tc.bpf.c); without it
 the source still counts traffic and the attach report says drops are unavailable.
+
+With a TcChain (agent/sources/tc/chain.py) shared with the packet L7 source, the counter
+programs tail-call the L7 parser: one filter per hook.
 """
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ from meshlens.agent.kernel.libbpf import num_possible_cpus
 from meshlens.agent.sources.tc.link_watch import LinkInfo, LinkWatcher, NetnsResolver
 from meshlens.agent.sources.base import FOLDED_PEER, AttachChoice, ObjectSource, SourceHealth
 from meshlens.agent.sources.tc.attach import TcAttacher, remove_stale_filters
+from meshlens.agent.sources.tc.chain import TcChain
+from meshlens.agent.sources.tc.slots import SlotTable, entry_index
 from meshlens.agent.sources.tc.structs import (
     COUNTER_NAMES,
     DIRECTION_NAMES,
@@ -59,7 +71,8 @@ STAT_FIELDS = ("packets", "bytes", "segs", "tcp_syn", "tcp_synack", "tcp_fin", "
 
 @dataclass(frozen=True)
 class TcConfig:
-    ifstats_max_entries: int = 8192
+    interface_slots: int = 1024          # interfaces counted in `if_slots` (128 bytes per CPU each)
+    ifstats_max_entries: int = 512       # interfaces beyond the slots: 2 entries each
     syns_max_entries: int = 16384
     rtt_max_entries: int = 4096
     drops_max_entries: int = 4096
@@ -81,6 +94,7 @@ class InterfaceInfo:
     peer_netns: int      # inode of the pod's network namespace (0: unknown)
     attached: bool
     error: str = ""
+    slot: int = 0        # its counter slot (0: none, counted in the `ifstats` hash)
 
 
 @dataclass(frozen=True)
@@ -117,8 +131,14 @@ class TcSource(ObjectSource):
     name = "tc"
 
     def __init__(self, config: TcConfig = TcConfig(), features: Optional[KernelFeatures] = None,
-                 watch: bool = True, is_external: Callable[[str], bool] = lambda address: True) -> None:
+                 watch: bool = True, is_external: Callable[[str], bool] = lambda address: True,
+                 chain: Optional[TcChain] = None) -> None:
         self.config = config
+        self.chain = chain
+        self._slots = SlotTable(config.interface_slots)
+        self._final: Dict[Tuple[int, str], IfCounters] = {}   # counters of removed slotted interfaces
+        self._unslotted = 0        # packets counted in the `ifstats` hash (interfaces without a slot)
+        self._unslotted_gone = 0   # ... of which on interfaces since forgotten
         self.is_external = is_external
         self._rtt_kept: Dict[Tuple[int, str], Set[str]] = {}   # (ifindex, role) -> peers kept by address
         self.features = features or KernelFeatures.probe()
@@ -144,6 +164,7 @@ class TcSource(ObjectSource):
     # ---- lifecycle ---------------------------------------------------------------------
     def _configure(self, obj: bpf.BpfObject) -> None:
         c = self.config
+        obj.map("if_slots").max_entries = 2 * c.interface_slots
         for name, n in (("ifstats", c.ifstats_max_entries), ("syns", c.syns_max_entries), ("rtt", c.rtt_max_entries),
                         ("drops", c.drops_max_entries), ("tracked", c.tracked_max_entries)):
             obj.map(name).max_entries = n
@@ -155,6 +176,8 @@ class TcSource(ObjectSource):
         # a crashed agent's filters (their program held by no live process) go before ours attach
         self.stale_filters_removed += len(remove_stale_filters())
         self._choices.append(AttachChoice("tc_traffic", "clsact", list(PROGRAMS.values())))
+        if self.chain:
+            self.chain.offer_array(self.obj.map("l7_progs"))
         if self.watch:
             self.watcher = LinkWatcher(self.link_up, self.link_gone, self.config.main_interface)
             self.watcher.start()
@@ -166,6 +189,8 @@ class TcSource(ObjectSource):
         if self.watcher:
             self.watcher.stop()
             self.watcher = None
+        if self.chain:
+            self.chain.withdraw_array()
         if self.attacher:
             self.attacher.detach_all()
             self.attacher = None
@@ -177,17 +202,21 @@ class TcSource(ObjectSource):
         if not self.attacher or not self.obj:
             return
         error = ""
+        slot = self._take_slot(link)
         try:
-            self.attacher.attach(link.ifindex, link.name)
+            self.attacher.attach(link.ifindex, link.name, classid=slot or None)
         except Exception as exc:  # noqa: BLE001 - counted and reported per interface
             self.attach_errors += 1
             error = str(exc)
             log.warning("tc: cannot attach to %s: %s", link.name, exc)
+            with self._lock:
+                self._slots.release(link.ifindex)
+            slot = 0
         peer_netns = self.resolver.resolve(link.peer_netnsid) if link.peer_netnsid >= 0 else 0
         self._track(TcDevKey(self._own_netns, link.ifindex), TcDev(link.ifindex, SIDE_HOST))
         if peer_netns and link.peer_ifindex:
             self._track(TcDevKey(peer_netns, link.peer_ifindex), TcDev(link.ifindex, SIDE_POD))
-        info = InterfaceInfo(link.ifindex, link.name, link.kind, link.peer_ifindex, peer_netns, not error, error)
+        info = InterfaceInfo(link.ifindex, link.name, link.kind, link.peer_ifindex, peer_netns, not error, error, slot)
         with self._lock:
             self._interfaces[link.ifindex] = info
             self._removed.pop(link.ifindex, None)
@@ -198,11 +227,41 @@ class TcSource(ObjectSource):
         if self.attacher:
             self.attacher.forget(ifindex)
         with self._lock:
+            slot = self._slots.release(ifindex)
+            if slot and self.obj:
+                # the link is unregistered: its filters ran their last; these are its totals
+                for direction, name in DIRECTION_NAMES.items():
+                    self._final[(ifindex, name)] = self._read_entry(entry_index(slot, direction))
             info = self._interfaces.get(ifindex)
             if info is None:
                 return
             self._removed[ifindex] = time.monotonic()
         self._untrack(ifindex)
+
+    # ---- counter slots -------------------------------------------------------------------
+    def _take_slot(self, link: LinkInfo) -> int:
+        """The link's slot (0: none free); a newly taken slot is zeroed before any filter
+        carries its number, so nothing of its previous interface is carried over."""
+        with self._lock:
+            served = self._interfaces.get(link.ifindex)
+            if served is not None and link.ifindex not in self._removed:
+                return served.slot  # a repeated notification for a link we already serve
+            slot = self._slots.assign(link.ifindex)
+            if slot is None:
+                log.warning("tc: no counter slot free for %s (all %d in use): counted in the ifstats hash",
+                            link.name, self._slots.size)
+                return 0
+            self._final.pop((link.ifindex, "ingress"), None)
+            self._final.pop((link.ifindex, "egress"), None)
+            zero = bytes((self.obj.map("if_slots").value_size + 7) // 8 * 8 * self._ncpu)
+            for direction in DIRECTION_NAMES:
+                self.obj.map("if_slots").update_raw(bytes(ctypes.c_uint32(entry_index(slot, direction))), zero)
+            return slot
+
+    def _read_entry(self, index: int) -> IfCounters:
+        raw = self.obj.map("if_slots").lookup_raw(bytes(ctypes.c_uint32(index)))
+        s = sum_structs(percpu_values(raw, TcIfStats, self._ncpu), TcIfStats) if raw else TcIfStats()
+        return IfCounters(**{f: getattr(s, f) for f in STAT_FIELDS})
 
     def _track(self, key: TcDevKey, dev: TcDev) -> None:
         try:
@@ -226,15 +285,30 @@ class TcSource(ObjectSource):
         with self._lock:
             gone = {i for i, t in self._removed.items() if now - t >= self.config.forget_after_s}
         counters: Dict[Tuple[int, str], IfCounters] = {}
+        with self._lock:
+            for ifindex, slot in self._slots.in_use().items():
+                for direction, name in DIRECTION_NAMES.items():
+                    counters[(ifindex, name)] = self._read_entry(entry_index(slot, direction))
+            for key_, c in list(self._final.items()):
+                if key_[0] in gone:
+                    del self._final[key_]
+                else:
+                    counters[key_] = c
         ifstats = self.obj.map("ifstats")
+        unslotted = self._unslotted_gone
+        hashed = 0
         for k, v in ifstats.items_raw():
+            hashed += 1
             key = TcIfKey.from_buffer_copy(k)
+            s = sum_structs(percpu_values(v, TcIfStats, self._ncpu), TcIfStats)
+            unslotted += s.packets
             if key.ifindex in gone:
                 ifstats.delete_raw(k)
+                self._unslotted_gone += s.packets
                 continue
-            s = sum_structs(percpu_values(v, TcIfStats, self._ncpu), TcIfStats)
-            counters[(key.ifindex, DIRECTION_NAMES.get(key.direction, "unknown"))] = IfCounters(
-                **{f: getattr(s, f) for f in STAT_FIELDS})
+            ck = (key.ifindex, DIRECTION_NAMES.get(key.direction, "unknown"))
+            prev = counters.get(ck, IfCounters())  # a slotted interface has no entry here; never lose one
+            counters[ck] = IfCounters(**{f: getattr(s, f) + getattr(prev, f) for f in STAT_FIELDS})
         rtt: Dict[Tuple[int, str, str], RttSeries] = {}
         rtt_map = self.obj.map("rtt")
         for k, v in rtt_map.items_raw():
@@ -270,7 +344,8 @@ class TcSource(ObjectSource):
                 self._removed.pop(i, None)
             interfaces = dict(self._interfaces)
             self._kernel = kernel
-            self._entries = {"tc_ifstats": len(counters), "tc_rtt": len(rtt), "tc_drops": len(drops),
+            self._unslotted = unslotted
+            self._entries = {"tc_ifstats": hashed, "tc_rtt": len(rtt), "tc_drops": len(drops),
                              "tc_syns": self._entries.get("tc_syns", 0)}
             self._snap = TcSnapshot(
                 interfaces=interfaces,
@@ -323,16 +398,22 @@ class TcSource(ObjectSource):
             k = dict(self._kernel)
             entries = dict(self._entries)
         c = self.config
+        with self._lock:
+            slots_in_use = len(self._slots.in_use())
+            without = sum(1 for i in self._interfaces.values()
+                          if i.attached and not i.slot and i.ifindex not in self._removed)
+            unslotted = self._unslotted
         k.update(attach_errors=self.attach_errors, syns_expired=self.syns_expired,
-                 stale_filters_removed=self.stale_filters_removed,
+                 stale_filters_removed=self.stale_filters_removed, interfaces_without_slot=without,
+                 unslotted_packets=unslotted,
                  link_callback_errors=self.watcher.callback_errors if self.watcher else 0)
         return SourceHealth(
             events_read={},
             events_lost={"ifstats_full": k.get("ifstats_full", 0), "syns_full": k.get("syns_full", 0),
                          "rtt_full": k.get("rtt_full", 0), "drops_full": k.get("drops_full", 0)},
-            map_entries=entries,
-            map_capacity={"tc_ifstats": c.ifstats_max_entries, "tc_syns": c.syns_max_entries,
-                          "tc_rtt": c.rtt_max_entries, "tc_drops": c.drops_max_entries},
+            map_entries={**entries, "tc_if_slots": slots_in_use},
+            map_capacity={"tc_if_slots": c.interface_slots, "tc_ifstats": c.ifstats_max_entries,
+                          "tc_syns": c.syns_max_entries, "tc_rtt": c.rtt_max_entries, "tc_drops": c.drops_max_entries},
             kernel_counters=k,
             callback_errors=self.watcher.callback_errors if self.watcher else 0,
         )
