@@ -90,6 +90,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	p.dir = dir;
 	p.proto = 0;
+	__builtin_memset(p.comm, 0, sizeof(p.comm));   /* a packet at a veth names no process */
 	p.payload_len = 0;
 	p.tcp_flags = 0;
 	p.cgroup_id = 0;   /* a packet at a veth names no process or cgroup: the pod is its netns */

@@ -129,6 +129,7 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 dir;
 	__u8 _pad;
+	char comm[ML_L7_COMM_LEN];  /* cgroup_skb: the socket's creator, when known; tc: empty */
 };
 
 /* Who is at either end: the pod behind the interface is `local`. */
@@ -138,6 +139,7 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	k->netns = sc->pkt_netns;
 	k->family = sc->pkt_family;
 	k->role = sc->c.role;
+	__builtin_memcpy(k->comm, sc->pkt_comm, sizeof(k->comm));
 	if (sc->c.role == ML_ROLE_SERVER) {
 		k->server_port = sc->local_port;
 		__builtin_memcpy(k->server_addr, sc->local_addr, 16);
@@ -534,6 +536,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	sc->pkt_family = p->key.family;
 	sc->pkt_netns = netns;
 	sc->pkt_cgroup = p->cgroup_id;
+	__builtin_memcpy(sc->pkt_comm, p->comm, sizeof(sc->pkt_comm));
 	if (skip < len)
 		ml_consume_skb(skb, off + skip, len - skip);
 	pc = bpf_map_lookup_elem(&pkt_conns, &p->key);
@@ -695,7 +698,7 @@ static __noinline void dns_message(struct __sk_buff *skb, struct pkt *p, __u32 n
 	e->family = p->key.family;
 	e->dir = ML_DNS_ANSWERED;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
-	__builtin_memset(e->comm, 0, sizeof(e->comm));
+	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_DNS_EVENTS);
 	count(ML_L7_EVENTS_SUBMITTED);

@@ -176,7 +176,7 @@ class L7CgRodata(ctypes.Structure):
 class MlCgSock(ctypes.Structure):
     """Value of l7cg.bpf.c's `cg_socks` (bpf_sk_storage)."""
 
-    _fields_ = [("netns", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("netns", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
 
 
 class MlPktIface(ctypes.Structure):
