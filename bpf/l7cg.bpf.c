@@ -44,6 +44,26 @@
 #define FIFO 64
 #include "http_parser.h"
 #include "l7pkt.h"
+/* The continuations of a segment whose headers outlast one run's budget (l7pkt_core.h,
+ * continue_segment): one program array per direction, as a tail call's target must have the
+ * caller's attach type. Filled by libbpf at load. */
+int meshlens_cg_egc(struct __sk_buff *skb);
+int meshlens_cg_inc(struct __sk_buff *skb);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_out SEC(".maps") = { .values = { [0] = (void *)&meshlens_cg_egc } };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_in SEC(".maps") = { .values = { [0] = (void *)&meshlens_cg_inc } };
+
 #include "l7pkt_core.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -191,7 +211,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (p.proto == IPPROTO_TCP && p.key.peer_port == 53)
 		dns_tcp_segment(skb, &p, netns);
 	else if (p.proto == IPPROTO_TCP)
-		http_segment(skb, &p, netns);
+		http_segment(skb, &p, netns, dir);
 	else
 		dns_message(skb, &p, netns, p.payload_off, p.payload_len);
 	return CG_PASS;
@@ -234,4 +254,18 @@ SEC("cgroup_skb/ingress")
 int meshlens_cg_in(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_IN);   /* delivered to a socket of this host */
+}
+
+SEC("cgroup_skb/egress")
+int meshlens_cg_egc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_OUT);   /* the rest of a long segment this socket sent */
+	return CG_PASS;
+}
+
+SEC("cgroup_skb/ingress")
+int meshlens_cg_inc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_IN);    /* the rest of a long segment delivered to it */
+	return CG_PASS;
 }

@@ -29,12 +29,17 @@
 #define DIR_IN 0   /* delivered to the observed side: tc host-side egress, cgroup ingress */
 #define DIR_OUT 1  /* sent by it: tc host-side ingress, cgroup egress */
 #define PKT_WINDOWS 48   /* parse windows per segment: pipelined messages each start a window */
-#define SCAN_MAX 8192    /* header bytes scanned per segment */
+#define SCAN_MAX 8192    /* header bytes scanned per run (then a tail call goes on) */
 
 #define PC_SYNC_IN 1     /* next_seq[DIR_IN] is valid */
 #define PC_SYNC_OUT 2
 #define PC_FIN_IN 4
 #define PC_FIN_OUT 8
+
+/* Header bytes one run scans before the rest of the segment goes to a tail call: SCAN_MAX in
+ * the agent. The tests lower it: BPF_PROG_TEST_RUN takes no skb over a page, so it is the way
+ * to make a frame outlast one run's budget there. */
+const volatile __u32 scan_max = SCAN_MAX;
 
 struct pconn {
 	struct conn c;
@@ -299,7 +304,9 @@ __noinline int ml_pkt_window(struct __sk_buff *skb, __u32 off, __u32 n)
 	return sc->pos;
 }
 
-/* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream. */
+/* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream,
+ * up to PKT_WINDOWS windows and SCAN_MAX header bytes. Returns the bytes left unparsed when the
+ * budget ran out inside headers (the caller continues them in a tail call, or gives up), else 0. */
 __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 {
 	struct scratch *sc = get_scratch();
@@ -323,15 +330,14 @@ __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 		n = ml_pkt_window(skb, off + done, n);
 		done += n;
 		scanned += n;
-		if (scanned > SCAN_MAX)
+		if (scanned > scan_max)
 			break;
 	}
 	if (done < len && !sc->stop) {
 		s = sc->is_out ? &sc->c.out : &sc->c.in;
-		if (is_skip_state(s->state))
-			skip_body(sc, s, len - done);
-		else
-			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+		if (!is_skip_state(s->state))
+			return len - done;
+		skip_body(sc, s, len - done);
 	}
 	return 0;
 }
@@ -392,12 +398,100 @@ static __always_inline void desync(struct pconn *pc)
 	pc->flags &= ~(PC_SYNC_IN | PC_SYNC_OUT);
 }
 
-static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, __u32 netns)
+/* A segment whose headers outlast one program's budget (a GSO super-packet of 50 pipelined
+ * responses) goes on in a tail call: the continuation (the entry point's `pkt_cont_out` /
+ * `pkt_cont_in` program arrays, entry 0) takes the connection state from the per-CPU scratch,
+ * where it is, and the rest of the segment from here. At most PKT_TAILS continuations per
+ * segment, then `scan_budget` as before. */
+#define PKT_TAILS 8
+
+struct pkt_cont {
+	struct ml_pkt_conn_key key;
+	__u32 off;     /* where the rest starts */
+	__u32 len;     /* its length; 0 = no continuation pending */
+	__u8 dir;
+	__u8 flags;    /* the segment's TCP flags (FIN/RST handled after the last part) */
+	__u8 tails;    /* continuations so far */
+	__u8 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pkt_cont);
+} pkt_cont SEC(".maps");
+
+/* End of a segment: FIN and RST, after its payload. */
+static __always_inline void segment_flags(struct pconn *pc, struct ml_pkt_conn_key *key, __u8 dir, __u8 f)
+{
+	__u8 finbit = dir == DIR_OUT ? PC_FIN_OUT : PC_FIN_IN;
+
+	if (f & TCP_FIN) {
+		pc->next_seq[dir & 1] += 1;
+		pc->flags |= finbit;
+	}
+	if ((f & TCP_RST) || (pc->flags & (PC_FIN_IN | PC_FIN_OUT)) == (PC_FIN_IN | PC_FIN_OUT)) {
+		pconn_gone(pc);
+		bpf_map_delete_elem(&pkt_conns, key);
+	}
+}
+
+/* The rest of a segment in a tail call; returns only if it could not be made (then the
+ * caller gives up on the headers, counted as `scan_budget`). */
+static __always_inline void continue_segment(struct __sk_buff *skb, struct pkt_cont *pk, __u32 off, __u32 rest,
+					     __u8 dir)
+{
+	pk->off = off;
+	pk->len = rest;
+	pk->tails += 1;
+	if (pk->tails > PKT_TAILS) {
+		pk->len = 0;
+		return;
+	}
+	/* `dir` is a constant here: each program references only its own direction's array */
+	if (dir == DIR_OUT)
+		bpf_tail_call(skb, &pkt_cont_out, 0);
+	else
+		bpf_tail_call(skb, &pkt_cont_in, 0);
+	pk->len = 0;
+}
+
+/* The continuation program's body (`dir`: its constant direction): parse the rest, continue
+ * again or write the state back. */
+static __always_inline int segment_continued(struct __sk_buff *skb, __u8 dir)
+{
+	__u32 zero = 0, len, off, rest;
+	struct pkt_cont *pk = bpf_map_lookup_elem(&pkt_cont, &zero);
+	struct scratch *sc = get_scratch();
+	struct pconn *pc;
+
+	if (!pk || !sc || !pk->len || pk->dir != dir)
+		return 0;
+	len = pk->len;
+	off = pk->off;
+	pk->len = 0;
+	rest = ml_consume_skb(skb, off, len);
+	if (rest) {
+		continue_segment(skb, pk, off + len - rest, rest, dir);
+		giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+	}
+	pc = bpf_map_lookup_elem(&pkt_conns, &pk->key);
+	if (!pc)
+		return 0;
+	conn_copy(&pc->c, &sc->c);
+	segment_flags(pc, &pk->key, dir, pk->flags);
+	return 0;
+}
+
+/* `dir` is the entry point's constant (p->dir, which the compiler cannot fold after p went
+ * through a non-inlined parse): the tail call below must name one program array per program. */
+static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, __u32 netns, const __u8 dir)
 {
 	struct scratch *sc;
 	struct pconn *pc;
 	struct stream *s;
-	__u32 dir = p->dir, off = p->payload_off, len = p->payload_len;
+	__u32 off = p->payload_off, len = p->payload_len;
 	__u8 syncbit = dir == DIR_OUT ? PC_SYNC_OUT : PC_SYNC_IN;
 	__u8 finbit = dir == DIR_OUT ? PC_FIN_OUT : PC_FIN_IN;
 	__u8 f = p->tcp_flags;
@@ -537,21 +631,29 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	sc->pkt_netns = netns;
 	sc->pkt_cgroup = p->cgroup_id;
 	__builtin_memcpy(sc->pkt_comm, p->comm, sizeof(sc->pkt_comm));
-	if (skip < len)
-		ml_consume_skb(skb, off + skip, len - skip);
+	if (skip < len) {
+		__u32 rest = ml_consume_skb(skb, off + skip, len - skip);
+
+		if (rest) {
+			__u32 zero = 0;
+			struct pkt_cont *pk = bpf_map_lookup_elem(&pkt_cont, &zero);
+
+			if (pk) {
+				__builtin_memcpy(&pk->key, &p->key, sizeof(pk->key));
+				pk->dir = dir;
+				pk->flags = f;
+				pk->tails = 0;
+				continue_segment(skb, pk, off + len - rest, rest, dir);
+			}
+			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+		}
+	}
 	pc = bpf_map_lookup_elem(&pkt_conns, &p->key);
 	if (!pc)
 		return;
 	conn_copy(&pc->c, &sc->c);
 flags:
-	if (f & TCP_FIN) {
-		pc->next_seq[dir & 1] += 1;
-		pc->flags |= finbit;
-	}
-	if ((f & TCP_RST) || (pc->flags & (PC_FIN_IN | PC_FIN_OUT)) == (PC_FIN_IN | PC_FIN_OUT)) {
-		pconn_gone(pc);
-		bpf_map_delete_elem(&pkt_conns, &p->key);
-	}
+	segment_flags(pc, &p->key, dir, f);
 }
 
 /* FNV-1a over the connection key: the event's `sk` (which exchange a record belongs to). */

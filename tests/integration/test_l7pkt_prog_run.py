@@ -20,8 +20,8 @@ import pytest
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.libbpf import num_possible_cpus
-from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, MlDnsEvent,
-                                               MlHttpKey, MlHttpVal, MlPktIface)
+from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, L7PktRodata,
+                                               MlDnsEvent, MlHttpKey, MlHttpVal, MlPktIface)
 from tests.integration import tc_packets as pk
 
 TC_ACT_UNSPEC = 0xFFFFFFFF
@@ -251,6 +251,56 @@ def test_pipelined_messages_in_one_frame(h: Harness, pod_is_client: bool) -> Non
     c.reply(RESP)
     r = role(pod_is_client)
     assert h.requests() == {(r, "GET", 200, 80): 7, (r, "GET", 404, 80): 1, (r, "HEAD", 200, 80): 1}
+
+
+SMALL_SCAN = 256   # header bytes per run: one 512-byte window, then a tail call
+
+
+def pipelined_burst(h: Harness, pod_is_client: bool, n: int) -> None:
+    """n pipelined requests in one frame, then their n responses in one frame (a GSO
+    super-packet under load), under a per-run scan budget of one window: the requests take 3
+    runs, the responses 4 or 5, so each frame is parsed by its program and tail calls. Every
+    exchange counts, and nothing is given up as `scan_budget`."""
+    c = Conv(h, 40030 + n, pod_is_client).handshake()
+    before = h.counters()
+    reqs = b"".join(b"GET /b/%d HTTP/1.1\r\n\r\n" % i for i in range(n))
+    resps = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if i % 7 else
+                     b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!" for i in range(n))
+    # more than one run's budget (a 512-byte window), within one BPF_PROG_TEST_RUN skb (a page)
+    assert 2 * 512 < len(reqs) and 3 * 512 < len(resps) < 3000
+    c.send(reqs)
+    c.reply(resps)
+    c.send(REQ)
+    c.reply(RESP)
+    r = role(pod_is_client)
+    n404 = len(range(0, n, 7))
+    assert h.requests() == {(r, "GET", 200, 80): n - n404 + 1, (r, "GET", 404, 80): n404}
+    k = h.counters()
+    assert k["scan_budget"] == before["scan_budget"]
+    assert k["no_response"] == before["no_response"]
+
+
+@pytest.fixture(scope="module")
+def small_harness() -> Iterator[Harness]:
+    obj = bpf.BpfObject(bpf.object_path("l7pkt"))
+    obj.set_rodata({"scan_max": SMALL_SCAN}, L7PktRodata)
+    obj.load()
+    try:
+        yield Harness(obj)
+    finally:
+        obj.close()
+
+
+@ROLES
+@pytest.mark.parametrize("n", [50, 64])
+def test_pipelined_burst_beyond_one_runs_budget(small_harness: Harness, pod_is_client: bool, n: int) -> None:
+    small_harness.reset()
+    pipelined_burst(small_harness, pod_is_client, n)
+
+
+@ROLES
+def test_pipelined_burst_of_64_at_the_agents_budget(h: Harness, pod_is_client: bool) -> None:
+    pipelined_burst(h, pod_is_client, 64)
 
 
 @ROLES
