@@ -170,7 +170,40 @@ static __always_inline int ld(struct __sk_buff *skb, __u32 off, void *dst, __u32
 	return bpf_skb_load_bytes(skb, off, dst, len);
 }
 
-/* IPv4 (first fragments) or IPv6 (no extension headers) at `off` (ethertype `proto`, network
+#define IP6_HOP 0
+#define IP6_ROUTING 43
+#define IP6_FRAGMENT 44
+#define IP6_DSTOPTS 60
+#define IP6_EXT_MAX 4    /* extension headers skipped; more is not trusted (pkt_unparsed) */
+
+/* IPv6 extension headers from *l4 on (p->proto = the first next-header): hop-by-hop, routing
+ * and destination options are skipped by their length ((len + 1) * 8 bytes), up to
+ * IP6_EXT_MAX of them; *l4 and p->proto end at the L4 header. Returns 0, 1 for a fragment
+ * (no L7 from fragments, as for IPv4) or -1 when a header is cut off or there are more. */
+static __always_inline int skip_ip6_ext(struct __sk_buff *skb, struct pkt *p, __u32 *l4, __u32 end)
+{
+	__u8 eh[2];
+	int i;
+
+#pragma unroll
+	for (i = 0; i < IP6_EXT_MAX; i++) {
+		if (p->proto == IP6_FRAGMENT)
+			return 1;
+		if (p->proto != IP6_HOP && p->proto != IP6_ROUTING && p->proto != IP6_DSTOPTS)
+			return 0;
+		if (*l4 + 8 > end || ld(skb, *l4, eh, 2))
+			return -1;
+		p->proto = eh[0];
+		*l4 += ((__u32)eh[1] + 1) * 8;
+	}
+	if (p->proto == IP6_FRAGMENT)
+		return 1;
+	if (p->proto == IP6_HOP || p->proto == IP6_ROUTING || p->proto == IP6_DSTOPTS)
+		return -1;
+	return 0;
+}
+
+/* IPv4 (first fragments) or IPv6 (hop-by-hop, routing and destination options skipped) at `off` (ethertype `proto`, network
  * order), TCP or UDP: the part of the parse both entry points share (tc starts after
  * Ethernet, cgroup_skb at the IP header). Returns 0 when the packet has an L4 payload to
  * look at, 1 when it is nothing for L7, -1 when it cannot be trusted. */
@@ -181,6 +214,7 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p, __u32 
 	struct pk_tcp th;
 	struct pk_udp uh;
 	__u32 end, l4, doff;
+	int r;
 
 	__builtin_memset(&p->key, 0, sizeof(p->key));
 	if (proto == bpf_htons(ETH_P_IP)) {
@@ -213,6 +247,9 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p, __u32 
 		else if (end > skb->len)
 			return -1;
 		p->proto = ip6.nexthdr;
+		r = skip_ip6_ext(skb, p, &l4, end);
+		if (r)
+			return r;
 		p->key.family = AF_INET6;
 		if (p->dir == DIR_OUT) {
 			__builtin_memcpy(p->key.local_addr, ip6.saddr, 16);

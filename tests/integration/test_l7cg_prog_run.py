@@ -176,3 +176,10 @@ def test_dns_udp_paired_once(hdns: CgHarness) -> None:
     assert d == {"dns_queries": 1, "dns_unmatched": 2, "dns_events": 1}
     ev = tcrun.dns_answers(h)   # type: ignore[arg-type]
     assert len(ev) == 1 and ev[0].netns == HOST_NETNS and ev[0].cgroup_id == my_cgroup_id()
+
+
+@tcrun.IPV6_EXTS
+def test_ipv6_extension_headers_skipped(h: CgHarness, exts) -> None:
+    """cgroup_skb sees the packet from its IPv6 header: the same extension headers skipped."""
+    tcrun.ipv6_ext_exchange(h, exts)   # type: ignore[arg-type]
+    assert h.requests() == {(2, "GET", 200, 8080): 1}

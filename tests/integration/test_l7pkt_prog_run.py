@@ -14,7 +14,7 @@ import ipaddress
 import random
 import struct
 from collections import Counter
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Sequence, Tuple
 
 import pytest
 
@@ -374,6 +374,42 @@ def test_other_methods_and_leading_empty_lines(h: Harness) -> None:
     c.send(b"\r\nGET /a HTTP/1.1\r\n\r\n")
     c.reply(RESP)
     assert h.requests() == {(2, "_OTHER", 200, 80): 2, (2, "GET", 200, 80): 1}
+
+
+def ipv6_ext_exchange(h: Harness, exts: Sequence[Tuple[int, int]]) -> None:
+    """One IPv6 exchange whose every frame carries the extension headers `exts` ((kind,
+    length units), in order) between the IPv6 header and TCP."""
+    def f6(src, dst, sport, dport, seq, flags, payload=b""):
+        th = struct.pack("!HHIIBBHHH", sport, dport, seq, 1, 5 << 4, flags, 65535, 0, 0)
+        kinds = [k for k, _ in exts] + [6]
+        ext = b"".join(pk.ipv6_ext(k, kinds[i + 1], length_units=u) for i, (k, u) in enumerate(exts))
+        return pk.ethernet(0x86DD) + pk.ipv6_header(src, dst, kinds[0], len(ext) + len(th) + len(payload)) + ext + \
+            th + payload
+    pod, peer = "fd00:9::2", "fd00:9::1"
+    h.run(h.out, f6(pod, peer, 46001, 8080, 10, SYN))
+    h.run(h.into, f6(peer, pod, 8080, 46001, 500, SYN | ACK))
+    h.run(h.out, f6(pod, peer, 46001, 8080, 11, ACK | PSH, REQ))
+    h.run(h.into, f6(peer, pod, 8080, 46001, 501, ACK | PSH, RESP))
+
+
+IPV6_EXTS = pytest.mark.parametrize("exts", [[(pk.HOP, 0)], [(pk.HOP, 1), (pk.DSTOPTS, 0), (pk.ROUTING, 2)],
+                                             [(pk.HOP, 0), (pk.ROUTING, 0), (pk.DSTOPTS, 3), (pk.DSTOPTS, 0)]],
+                                    ids=["hop", "hop-dst-routing", "four"])
+
+
+@IPV6_EXTS
+def test_ipv6_extension_headers_skipped(h: Harness, exts: Sequence[Tuple[int, int]]) -> None:
+    ipv6_ext_exchange(h, exts)
+    assert h.requests() == {(2, "GET", 200, 8080): 1}
+
+
+@pytest.mark.parametrize("exts", [[(pk.DSTOPTS, 0)] * 5, [(pk.HOP, 0), (pk.FRAGMENT, 0)]], ids=["five", "fragment"])
+def test_ipv6_too_many_extension_headers_or_a_fragment_count_nothing(h: Harness, exts) -> None:
+    before = h.counters()
+    ipv6_ext_exchange(h, exts)
+    assert h.requests() == {}
+    unparsed = h.counters()["pkt_unparsed"] - before["pkt_unparsed"]
+    assert unparsed == (4 if len(exts) == 5 else 0)   # more than 4 headers: not trusted, counted
 
 
 def test_ipv6_exchange(h: Harness) -> None:
