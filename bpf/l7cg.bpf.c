@@ -14,21 +14,29 @@
  * keyed by the socket-oriented 4-tuple and, in the key's `ifindex` slot, the socket's netns
  * inode (two pods may use the same loopback tuple).
  *
+ * Per socket, `cg_socks` (bpf_sk_storage, BPF_F_CLONE) holds what a packet cannot tell: the
+ * socket's netns, the name of the task that created it and whether it is skipped. The
+ * cgroup/sock_create program (meshlens_cg_sk, same root) fills it once per socket in the
+ * creating task's context; a socket accepted from a listener starts with a copy of the
+ * listener's entry (so nginx's accepted sockets are "nginx"). A socket older than the agent
+ * (or on a kernel refusing sock_create) gets an entry at its first packet with the netns
+ * (TCP: bpf_skc_to_tcp_sock(); UDP: the sending task at its first datagram to port 53) and
+ * no name: its series have an empty `process`.
+ *
  * Counted once per side: a socket whose netns is in `pkt_netns` (a pod whose veth the tc
  * path parses; written by the agent) is skipped unless the packet's device is loopback
  * (ifindex 1 in every netns): such traffic crosses the pod's veth and is the tc path's.
  * Loopback (including a pod talking to its own address, routed over lo) never reaches a
  * veth, so it is counted here. Sockets of other netns (the host's, hostNetwork pods', pods
- * the agent has not attached to) are counted here whatever the device.
+ * the agent has not attached to) are counted here whatever the device. The skip is decided
+ * once per socket (ML_CGS_SKIP, set at creation or at the first packet that finds the netns
+ * in `pkt_netns`) and checked first, before any header is read: a pod packet off loopback
+ * costs one storage lookup. Only the skip is cached: a socket not (yet) skipped looks its
+ * netns up again on each packet it parses, so a pod registered later is skipped from then on.
  *
- * The socket's netns: TCP sockets through bpf_skc_to_tcp_sock() (BTF loads, any context);
- * UDP sockets (DNS clients) from the sending task at their first datagram to port 53, kept
- * in `cg_socks` (bpf_sk_storage) for the answer, which arrives in softirq context.
+ * Series carry the socket's cgroup (bpf_skb_cgroup_id), netns and creator's name.
  *
- * Series carry the socket's cgroup (bpf_skb_cgroup_id) and netns; a packet names no
- * process, so `process` is empty (only --l7-source syscalls names it).
- *
- * Both programs return 1: they observe, never drop.
+ * Every program returns 1: they observe, never drop or refuse.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -36,6 +44,26 @@
 #define FIFO 64
 #include "http_parser.h"
 #include "l7pkt.h"
+/* The continuations of a segment whose headers outlast one run's budget (l7pkt_core.h,
+ * continue_segment): one program array per direction, as a tail call's target must have the
+ * caller's attach type. Filled by libbpf at load. */
+int meshlens_cg_egc(struct __sk_buff *skb);
+int meshlens_cg_inc(struct __sk_buff *skb);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_out SEC(".maps") = { .values = { [0] = (void *)&meshlens_cg_egc } };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_in SEC(".maps") = { .values = { [0] = (void *)&meshlens_cg_inc } };
+
 #include "l7pkt_core.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -57,10 +85,11 @@ struct {
 	__type(value, __u8);
 } pkt_netns SEC(".maps");
 
-/* Per UDP socket: its netns, learnt when it sends to port 53. */
+/* Per socket: netns, creator's name, skip (struct ml_cg_sock); accepted sockets inherit the
+ * listener's entry. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 	__type(key, int);
 	__type(value, struct ml_cg_sock);
 } cg_socks SEC(".maps");
@@ -92,39 +121,54 @@ static __noinline __u32 tcp_netns(struct bpf_sock *sk)
 	return tp->inet_conn.icsk_inet.sk.__sk_common.skc_net.net->ns.inum;
 }
 
-/* The netns inode of a UDP packet's socket: a send runs in the sender's context, whose netns
- * is the socket's (kept for the answers); 0 for a socket that never sent to port 53. Its own
+/* The netns inode of a UDP packet's socket without an entry: a send runs in the sender's
+ * context, whose netns is the socket's; 0 for an answer (softirq: no task to ask). Its own
  * function: the verifier refuses one load instruction reached with two kinds of pointer. */
-static __noinline __u32 udp_netns(struct bpf_sock *sk, __u8 dir)
+static __noinline __u32 udp_netns(__u8 dir)
+{
+	struct task_struct *t;
+
+	if (dir != DIR_OUT)
+		return test_netns;
+	t = bpf_get_current_task_btf();
+	return t->nsproxy->net_ns->ns.inum;
+}
+
+/* The netns of a socket that has no entry yet (older than the agent, or no sock_create), kept
+ * in a new entry without a name. 0: not parsed (a UDP answer, a time-wait socket). */
+static __noinline __u32 learn_netns(struct bpf_sock *sk, __u8 dir, int udp)
 {
 	struct ml_cg_sock *st;
-	struct task_struct *t;
 	__u32 netns;
 
 	if (!sk)
 		return 0;
-	sk = bpf_sk_fullsock(sk);
-	if (!sk)
+	netns = udp ? udp_netns(dir) : tcp_netns(sk);
+	if (!netns)
 		return 0;
-	if (dir == DIR_OUT) {
-		t = bpf_get_current_task_btf();
-		netns = t->nsproxy->net_ns->ns.inum;
-		st = bpf_sk_storage_get(&cg_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (st)
-			st->netns = netns;
-		return netns;
+	st = bpf_sk_storage_get(&cg_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st && !(st->flags & ML_CGS_NETNS)) {
+		st->netns = netns;
+		st->flags |= ML_CGS_NETNS;
 	}
-	st = bpf_sk_storage_get(&cg_socks, sk, 0, 0);
-	return st ? st->netns : test_netns;
+	return netns;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
+	struct ml_cg_sock *st = NULL;
 	struct bpf_sock *sk;
 	struct pkt p;
 	__u32 netns;
 	int r;
 
+	sk = skb->sk;
+	barrier_var(sk);   /* one ctx load: clang would otherwise add the offset to the ctx pointer */
+	/* first, before any header: a socket already known to be the tc path's */
+	if (sk)
+		st = bpf_sk_storage_get(&cg_socks, sk, 0, 0);
+	if (st && (st->flags & ML_CGS_SKIP) && skb->ifindex != LOOPBACK_IFINDEX)
+		return CG_PASS;
 	p.dir = dir;
 	p.proto = 0;
 	p.payload_len = 0;
@@ -140,27 +184,64 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		if (p.proto == IPPROTO_UDP && p.key.peer_port != 53)
 			return CG_PASS;
 	}
-	sk = skb->sk;
-	barrier_var(sk);   /* one ctx load: clang would otherwise add the offset to the ctx pointer */
-	netns = r == 0 && p.proto == IPPROTO_UDP ? udp_netns(sk, dir) : tcp_netns(sk);
+	if (st && (st->flags & ML_CGS_NETNS))
+		netns = st->netns;
+	else
+		netns = learn_netns(sk, dir, r == 0 && p.proto == IPPROTO_UDP);
 	if (!netns)
 		return CG_PASS;
 	/* the pod's veth carries it: the tc path's (loopback never reaches a veth) */
-	if (skb->ifindex != LOOPBACK_IFINDEX && bpf_map_lookup_elem(&pkt_netns, &netns))
+	if (skb->ifindex != LOOPBACK_IFINDEX && bpf_map_lookup_elem(&pkt_netns, &netns)) {
+		if (!st && sk)
+			st = bpf_sk_storage_get(&cg_socks, sk, 0, 0);
+		if (st)
+			st->flags |= ML_CGS_SKIP;
 		return CG_PASS;
+	}
 	if (r < 0) {
 		count(ML_L7_PKT_UNPARSED);
 		return CG_PASS;
 	}
+	if (st && (st->flags & ML_CGS_COMM))
+		__builtin_memcpy(p.comm, st->comm, sizeof(p.comm));
+	else
+		__builtin_memset(p.comm, 0, sizeof(p.comm));
 	p.key.ifindex = netns;
 	p.cgroup_id = bpf_skb_cgroup_id(skb);
 	if (p.proto == IPPROTO_TCP && p.key.peer_port == 53)
 		dns_tcp_segment(skb, &p, netns);
 	else if (p.proto == IPPROTO_TCP)
-		http_segment(skb, &p, netns);
+		http_segment(skb, &p, netns, dir);
 	else
 		dns_message(skb, &p, netns, p.payload_off, p.payload_len);
 	return CG_PASS;
+}
+
+/* Once per socket a task creates (socket(2), in its context): its netns, its name, and
+ * whether the tc path owns it. Sockets the kernel makes itself do not come here; accepted
+ * ones inherit their listener's entry (BPF_F_CLONE). */
+SEC("cgroup/sock_create")
+int meshlens_cg_sk(struct bpf_sock *ctx)
+{
+	struct ml_cg_sock *st;
+	struct task_struct *t;
+	__u32 netns;
+
+	if (ctx->family != AF_INET && ctx->family != AF_INET6)
+		return 1;
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	st = bpf_sk_storage_get(&cg_socks, ctx, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return 1;
+	t = bpf_get_current_task_btf();
+	netns = t->nsproxy->net_ns->ns.inum;
+	st->netns = netns;
+	bpf_get_current_comm(st->comm, sizeof(st->comm));
+	st->flags = ML_CGS_NETNS | ML_CGS_COMM;
+	if (bpf_map_lookup_elem(&pkt_netns, &netns))
+		st->flags |= ML_CGS_SKIP;
+	return 1;   /* allow: observe only */
 }
 
 SEC("cgroup_skb/egress")
@@ -173,4 +254,18 @@ SEC("cgroup_skb/ingress")
 int meshlens_cg_in(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_IN);   /* delivered to a socket of this host */
+}
+
+SEC("cgroup_skb/egress")
+int meshlens_cg_egc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_OUT);   /* the rest of a long segment this socket sent */
+	return CG_PASS;
+}
+
+SEC("cgroup_skb/ingress")
+int meshlens_cg_inc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_IN);    /* the rest of a long segment delivered to it */
+	return CG_PASS;
 }

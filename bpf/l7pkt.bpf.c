@@ -41,6 +41,26 @@
 #define FIFO 64
 #include "http_parser.h"
 #include "l7pkt.h"
+/* The continuations of a segment whose headers outlast one run's budget (l7pkt_core.h,
+ * continue_segment): one program array per direction (the same
+ * layout as l7cg.bpf.c's). Filled by libbpf at load. */
+int meshlens_l7_egc(struct __sk_buff *skb);
+int meshlens_l7_inc(struct __sk_buff *skb);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_out SEC(".maps") = { .values = { [0] = (void *)&meshlens_l7_egc } };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__array(values, int(struct __sk_buff *));
+} pkt_cont_in SEC(".maps") = { .values = { [0] = (void *)&meshlens_l7_inc } };
+
 #include "l7pkt_core.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -90,6 +110,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	p.dir = dir;
 	p.proto = 0;
+	__builtin_memset(p.comm, 0, sizeof(p.comm));   /* a packet at a veth names no process */
 	p.payload_len = 0;
 	p.tcp_flags = 0;
 	p.cgroup_id = 0;   /* a packet at a veth names no process or cgroup: the pod is its netns */
@@ -111,7 +132,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (p.proto == IPPROTO_TCP && p.key.peer_port == 53)
 		dns_tcp_segment(skb, &p, iface->netns);
 	else if (p.proto == IPPROTO_TCP)
-		http_segment(skb, &p, iface->netns);
+		http_segment(skb, &p, iface->netns, dir);
 	else
 		dns_message(skb, &p, iface->netns, p.payload_off, p.payload_len);
 	return TC_ACT_UNSPEC;
@@ -127,4 +148,18 @@ SEC("tc")
 int meshlens_l7_eg(struct __sk_buff *skb)
 {
 	return handle(skb, DIR_IN);   /* host-side egress: delivered to the pod */
+}
+
+SEC("tc")
+int meshlens_l7_egc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_OUT);   /* the rest of a long segment the pod sent */
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int meshlens_l7_inc(struct __sk_buff *skb)
+{
+	segment_continued(skb, DIR_IN);    /* the rest of a long segment delivered to it */
+	return TC_ACT_UNSPEC;
 }

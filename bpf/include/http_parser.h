@@ -117,6 +117,8 @@ struct scratch {
 	__u16 dns_qlen;      /* packet path: the DNS question ml_dns_question() read */
 	__u32 dns_qhash;
 	__u64 pkt_cgroup;    /* packet path: the series' cgroup (cgroup_skb: the socket's; tc: 0) */
+	char pkt_comm[ML_L7_COMM_LEN]; /* packet path: the series' process (cgroup_skb: the
+	                                * socket's creator, when known; tc: empty) */
 };
 
 /* ---- maps shared by both objects (same names: one user-space reader) ------------ */

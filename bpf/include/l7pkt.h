@@ -46,11 +46,20 @@ struct ml_dns_pending {
 	__u16 _pad;
 };
 
-/* Value of l7cg.bpf.c's `cg_socks` (bpf_sk_storage): what a UDP socket's answers need and a
- * packet in softirq context cannot tell. */
+/* ml_cg_sock.flags */
+#define ML_CGS_NETNS 1   /* netns is set */
+#define ML_CGS_COMM 2    /* comm is the creating task's (cgroup/sock_create, or cloned from the
+                          * listener an accepted socket came from) */
+#define ML_CGS_SKIP 4    /* the socket's netns is a pod's whose veth the tc path parses: its
+                          * packets off loopback are the tc path's (decided once per socket) */
+
+/* Value of l7cg.bpf.c's `cg_socks` (bpf_sk_storage, BPF_F_CLONE: a socket accepted from a
+ * listener starts with a copy of the listener's): what a packet in softirq context cannot
+ * tell about its socket, learnt once in the task's context, and the per-socket skip. */
 struct ml_cg_sock {
-	__u32 netns;   /* inode of the socket's network namespace, from the task that sent */
-	__u32 flags;   /* reserved, 0 */
+	__u32 netns;   /* inode of the socket's network namespace */
+	__u32 flags;   /* ML_CGS_* */
+	char comm[16]; /* the creating task's name (ML_L7_COMM_LEN), if ML_CGS_COMM */
 };
 
 #pragma clang diagnostic pop

@@ -29,12 +29,17 @@
 #define DIR_IN 0   /* delivered to the observed side: tc host-side egress, cgroup ingress */
 #define DIR_OUT 1  /* sent by it: tc host-side ingress, cgroup egress */
 #define PKT_WINDOWS 48   /* parse windows per segment: pipelined messages each start a window */
-#define SCAN_MAX 8192    /* header bytes scanned per segment */
+#define SCAN_MAX 8192    /* header bytes scanned per run (then a tail call goes on) */
 
 #define PC_SYNC_IN 1     /* next_seq[DIR_IN] is valid */
 #define PC_SYNC_OUT 2
 #define PC_FIN_IN 4
 #define PC_FIN_OUT 8
+
+/* Header bytes one run scans before the rest of the segment goes to a tail call: SCAN_MAX in
+ * the agent. The tests lower it: BPF_PROG_TEST_RUN takes no skb over a page, so it is the way
+ * to make a frame outlast one run's budget there. */
+const volatile __u32 scan_max = SCAN_MAX;
 
 struct pconn {
 	struct conn c;
@@ -129,6 +134,7 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 dir;
 	__u8 _pad;
+	char comm[ML_L7_COMM_LEN];  /* cgroup_skb: the socket's creator, when known; tc: empty */
 };
 
 /* Who is at either end: the pod behind the interface is `local`. */
@@ -138,6 +144,7 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	k->netns = sc->pkt_netns;
 	k->family = sc->pkt_family;
 	k->role = sc->c.role;
+	__builtin_memcpy(k->comm, sc->pkt_comm, sizeof(k->comm));
 	if (sc->c.role == ML_ROLE_SERVER) {
 		k->server_port = sc->local_port;
 		__builtin_memcpy(k->server_addr, sc->local_addr, 16);
@@ -163,7 +170,40 @@ static __always_inline int ld(struct __sk_buff *skb, __u32 off, void *dst, __u32
 	return bpf_skb_load_bytes(skb, off, dst, len);
 }
 
-/* IPv4 (first fragments) or IPv6 (no extension headers) at `off` (ethertype `proto`, network
+#define IP6_HOP 0
+#define IP6_ROUTING 43
+#define IP6_FRAGMENT 44
+#define IP6_DSTOPTS 60
+#define IP6_EXT_MAX 4    /* extension headers skipped; more is not trusted (pkt_unparsed) */
+
+/* IPv6 extension headers from *l4 on (p->proto = the first next-header): hop-by-hop, routing
+ * and destination options are skipped by their length ((len + 1) * 8 bytes), up to
+ * IP6_EXT_MAX of them; *l4 and p->proto end at the L4 header. Returns 0, 1 for a fragment
+ * (no L7 from fragments, as for IPv4) or -1 when a header is cut off or there are more. */
+static __always_inline int skip_ip6_ext(struct __sk_buff *skb, struct pkt *p, __u32 *l4, __u32 end)
+{
+	__u8 eh[2];
+	int i;
+
+#pragma unroll
+	for (i = 0; i < IP6_EXT_MAX; i++) {
+		if (p->proto == IP6_FRAGMENT)
+			return 1;
+		if (p->proto != IP6_HOP && p->proto != IP6_ROUTING && p->proto != IP6_DSTOPTS)
+			return 0;
+		if (*l4 + 8 > end || ld(skb, *l4, eh, 2))
+			return -1;
+		p->proto = eh[0];
+		*l4 += ((__u32)eh[1] + 1) * 8;
+	}
+	if (p->proto == IP6_FRAGMENT)
+		return 1;
+	if (p->proto == IP6_HOP || p->proto == IP6_ROUTING || p->proto == IP6_DSTOPTS)
+		return -1;
+	return 0;
+}
+
+/* IPv4 (first fragments) or IPv6 (hop-by-hop, routing and destination options skipped) at `off` (ethertype `proto`, network
  * order), TCP or UDP: the part of the parse both entry points share (tc starts after
  * Ethernet, cgroup_skb at the IP header). Returns 0 when the packet has an L4 payload to
  * look at, 1 when it is nothing for L7, -1 when it cannot be trusted. */
@@ -174,6 +214,7 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p, __u32 
 	struct pk_tcp th;
 	struct pk_udp uh;
 	__u32 end, l4, doff;
+	int r;
 
 	__builtin_memset(&p->key, 0, sizeof(p->key));
 	if (proto == bpf_htons(ETH_P_IP)) {
@@ -206,6 +247,9 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p, __u32 
 		else if (end > skb->len)
 			return -1;
 		p->proto = ip6.nexthdr;
+		r = skip_ip6_ext(skb, p, &l4, end);
+		if (r)
+			return r;
 		p->key.family = AF_INET6;
 		if (p->dir == DIR_OUT) {
 			__builtin_memcpy(p->key.local_addr, ip6.saddr, 16);
@@ -297,7 +341,9 @@ __noinline int ml_pkt_window(struct __sk_buff *skb, __u32 off, __u32 n)
 	return sc->pos;
 }
 
-/* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream. */
+/* Parse payload bytes [off, off+len) of the segment as the next bytes of the current stream,
+ * up to PKT_WINDOWS windows and SCAN_MAX header bytes. Returns the bytes left unparsed when the
+ * budget ran out inside headers (the caller continues them in a tail call, or gives up), else 0. */
 __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 {
 	struct scratch *sc = get_scratch();
@@ -321,15 +367,14 @@ __noinline int ml_consume_skb(struct __sk_buff *skb, __u32 off, __u32 len)
 		n = ml_pkt_window(skb, off + done, n);
 		done += n;
 		scanned += n;
-		if (scanned > SCAN_MAX)
+		if (scanned > scan_max)
 			break;
 	}
 	if (done < len && !sc->stop) {
 		s = sc->is_out ? &sc->c.out : &sc->c.in;
-		if (is_skip_state(s->state))
-			skip_body(sc, s, len - done);
-		else
-			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+		if (!is_skip_state(s->state))
+			return len - done;
+		skip_body(sc, s, len - done);
 	}
 	return 0;
 }
@@ -390,12 +435,100 @@ static __always_inline void desync(struct pconn *pc)
 	pc->flags &= ~(PC_SYNC_IN | PC_SYNC_OUT);
 }
 
-static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, __u32 netns)
+/* A segment whose headers outlast one program's budget (a GSO super-packet of 50 pipelined
+ * responses) goes on in a tail call: the continuation (the entry point's `pkt_cont_out` /
+ * `pkt_cont_in` program arrays, entry 0) takes the connection state from the per-CPU scratch,
+ * where it is, and the rest of the segment from here. At most PKT_TAILS continuations per
+ * segment, then `scan_budget` as before. */
+#define PKT_TAILS 8
+
+struct pkt_cont {
+	struct ml_pkt_conn_key key;
+	__u32 off;     /* where the rest starts */
+	__u32 len;     /* its length; 0 = no continuation pending */
+	__u8 dir;
+	__u8 flags;    /* the segment's TCP flags (FIN/RST handled after the last part) */
+	__u8 tails;    /* continuations so far */
+	__u8 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pkt_cont);
+} pkt_cont SEC(".maps");
+
+/* End of a segment: FIN and RST, after its payload. */
+static __always_inline void segment_flags(struct pconn *pc, struct ml_pkt_conn_key *key, __u8 dir, __u8 f)
+{
+	__u8 finbit = dir == DIR_OUT ? PC_FIN_OUT : PC_FIN_IN;
+
+	if (f & TCP_FIN) {
+		pc->next_seq[dir & 1] += 1;
+		pc->flags |= finbit;
+	}
+	if ((f & TCP_RST) || (pc->flags & (PC_FIN_IN | PC_FIN_OUT)) == (PC_FIN_IN | PC_FIN_OUT)) {
+		pconn_gone(pc);
+		bpf_map_delete_elem(&pkt_conns, key);
+	}
+}
+
+/* The rest of a segment in a tail call; returns only if it could not be made (then the
+ * caller gives up on the headers, counted as `scan_budget`). */
+static __always_inline void continue_segment(struct __sk_buff *skb, struct pkt_cont *pk, __u32 off, __u32 rest,
+					     __u8 dir)
+{
+	pk->off = off;
+	pk->len = rest;
+	pk->tails += 1;
+	if (pk->tails > PKT_TAILS) {
+		pk->len = 0;
+		return;
+	}
+	/* `dir` is a constant here: each program references only its own direction's array */
+	if (dir == DIR_OUT)
+		bpf_tail_call(skb, &pkt_cont_out, 0);
+	else
+		bpf_tail_call(skb, &pkt_cont_in, 0);
+	pk->len = 0;
+}
+
+/* The continuation program's body (`dir`: its constant direction): parse the rest, continue
+ * again or write the state back. */
+static __always_inline int segment_continued(struct __sk_buff *skb, __u8 dir)
+{
+	__u32 zero = 0, len, off, rest;
+	struct pkt_cont *pk = bpf_map_lookup_elem(&pkt_cont, &zero);
+	struct scratch *sc = get_scratch();
+	struct pconn *pc;
+
+	if (!pk || !sc || !pk->len || pk->dir != dir)
+		return 0;
+	len = pk->len;
+	off = pk->off;
+	pk->len = 0;
+	rest = ml_consume_skb(skb, off, len);
+	if (rest) {
+		continue_segment(skb, pk, off + len - rest, rest, dir);
+		giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+	}
+	pc = bpf_map_lookup_elem(&pkt_conns, &pk->key);
+	if (!pc)
+		return 0;
+	conn_copy(&pc->c, &sc->c);
+	segment_flags(pc, &pk->key, dir, pk->flags);
+	return 0;
+}
+
+/* `dir` is the entry point's constant (p->dir, which the compiler cannot fold after p went
+ * through a non-inlined parse): the tail call below must name one program array per program. */
+static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, __u32 netns, const __u8 dir)
 {
 	struct scratch *sc;
 	struct pconn *pc;
 	struct stream *s;
-	__u32 dir = p->dir, off = p->payload_off, len = p->payload_len;
+	__u32 off = p->payload_off, len = p->payload_len;
 	__u8 syncbit = dir == DIR_OUT ? PC_SYNC_OUT : PC_SYNC_IN;
 	__u8 finbit = dir == DIR_OUT ? PC_FIN_OUT : PC_FIN_IN;
 	__u8 f = p->tcp_flags;
@@ -534,21 +667,30 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	sc->pkt_family = p->key.family;
 	sc->pkt_netns = netns;
 	sc->pkt_cgroup = p->cgroup_id;
-	if (skip < len)
-		ml_consume_skb(skb, off + skip, len - skip);
+	__builtin_memcpy(sc->pkt_comm, p->comm, sizeof(sc->pkt_comm));
+	if (skip < len) {
+		__u32 rest = ml_consume_skb(skb, off + skip, len - skip);
+
+		if (rest) {
+			__u32 zero = 0;
+			struct pkt_cont *pk = bpf_map_lookup_elem(&pkt_cont, &zero);
+
+			if (pk) {
+				__builtin_memcpy(&pk->key, &p->key, sizeof(pk->key));
+				pk->dir = dir;
+				pk->flags = f;
+				pk->tails = 0;
+				continue_segment(skb, pk, off + len - rest, rest, dir);
+			}
+			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+		}
+	}
 	pc = bpf_map_lookup_elem(&pkt_conns, &p->key);
 	if (!pc)
 		return;
 	conn_copy(&pc->c, &sc->c);
 flags:
-	if (f & TCP_FIN) {
-		pc->next_seq[dir & 1] += 1;
-		pc->flags |= finbit;
-	}
-	if ((f & TCP_RST) || (pc->flags & (PC_FIN_IN | PC_FIN_OUT)) == (PC_FIN_IN | PC_FIN_OUT)) {
-		pconn_gone(pc);
-		bpf_map_delete_elem(&pkt_conns, &p->key);
-	}
+	segment_flags(pc, &p->key, dir, f);
 }
 
 /* FNV-1a over the connection key: the event's `sk` (which exchange a record belongs to). */
@@ -695,7 +837,7 @@ static __noinline void dns_message(struct __sk_buff *skb, struct pkt *p, __u32 n
 	e->family = p->key.family;
 	e->dir = ML_DNS_ANSWERED;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
-	__builtin_memset(e->comm, 0, sizeof(e->comm));
+	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_DNS_EVENTS);
 	count(ML_L7_EVENTS_SUBMITTED);

@@ -78,6 +78,26 @@ def h(harness: CgHarness) -> CgHarness:
     return harness
 
 
+@pytest.fixture(scope="module")
+def small_harness() -> Iterator[CgHarness]:
+    obj = bpf.BpfObject(bpf.object_path("l7cg"))
+    obj.set_rodata({"test_netns": NETNS, "scan_max": tcrun.SMALL_SCAN}, L7CgRodata)
+    obj.load()
+    try:
+        yield CgHarness(obj)
+    finally:
+        obj.close()
+
+
+@pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
+@pytest.mark.parametrize("n", [50, 64])
+def test_pipelined_burst_beyond_one_runs_budget(small_harness: CgHarness, sock_is_client: bool, n: int) -> None:
+    """The same super-packets through the cgroup entry's tail calls (one program array per
+    direction: egress and ingress continuations)."""
+    small_harness.reset()
+    tcrun.pipelined_burst(small_harness, sock_is_client, n)   # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
 def test_one_exchange_counts_once(h: CgHarness, sock_is_client: bool) -> None:
     c = Conv(h, 40001, sock_is_client).handshake()   # type: ignore[arg-type]
@@ -156,3 +176,10 @@ def test_dns_udp_paired_once(hdns: CgHarness) -> None:
     assert d == {"dns_queries": 1, "dns_unmatched": 2, "dns_events": 1}
     ev = tcrun.dns_answers(h)   # type: ignore[arg-type]
     assert len(ev) == 1 and ev[0].netns == HOST_NETNS and ev[0].cgroup_id == my_cgroup_id()
+
+
+@tcrun.IPV6_EXTS
+def test_ipv6_extension_headers_skipped(h: CgHarness, exts) -> None:
+    """cgroup_skb sees the packet from its IPv6 header: the same extension headers skipped."""
+    tcrun.ipv6_ext_exchange(h, exts)   # type: ignore[arg-type]
+    assert h.requests() == {(2, "GET", 200, 8080): 1}

@@ -14,14 +14,14 @@ import ipaddress
 import random
 import struct
 from collections import Counter
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Sequence, Tuple
 
 import pytest
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.libbpf import num_possible_cpus
-from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, MlDnsEvent,
-                                               MlHttpKey, MlHttpVal, MlPktIface)
+from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, L7PktRodata,
+                                               MlDnsEvent, MlHttpKey, MlHttpVal, MlPktIface)
 from tests.integration import tc_packets as pk
 
 TC_ACT_UNSPEC = 0xFFFFFFFF
@@ -253,6 +253,56 @@ def test_pipelined_messages_in_one_frame(h: Harness, pod_is_client: bool) -> Non
     assert h.requests() == {(r, "GET", 200, 80): 7, (r, "GET", 404, 80): 1, (r, "HEAD", 200, 80): 1}
 
 
+SMALL_SCAN = 256   # header bytes per run: one 512-byte window, then a tail call
+
+
+def pipelined_burst(h: Harness, pod_is_client: bool, n: int) -> None:
+    """n pipelined requests in one frame, then their n responses in one frame (a GSO
+    super-packet under load), under a per-run scan budget of one window: the requests take 3
+    runs, the responses 4 or 5, so each frame is parsed by its program and tail calls. Every
+    exchange counts, and nothing is given up as `scan_budget`."""
+    c = Conv(h, 40030 + n, pod_is_client).handshake()
+    before = h.counters()
+    reqs = b"".join(b"GET /b/%d HTTP/1.1\r\n\r\n" % i for i in range(n))
+    resps = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" if i % 7 else
+                     b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!" for i in range(n))
+    # more than one run's budget (a 512-byte window), within one BPF_PROG_TEST_RUN skb (a page)
+    assert 2 * 512 < len(reqs) and 3 * 512 < len(resps) < 3000
+    c.send(reqs)
+    c.reply(resps)
+    c.send(REQ)
+    c.reply(RESP)
+    r = role(pod_is_client)
+    n404 = len(range(0, n, 7))
+    assert h.requests() == {(r, "GET", 200, 80): n - n404 + 1, (r, "GET", 404, 80): n404}
+    k = h.counters()
+    assert k["scan_budget"] == before["scan_budget"]
+    assert k["no_response"] == before["no_response"]
+
+
+@pytest.fixture(scope="module")
+def small_harness() -> Iterator[Harness]:
+    obj = bpf.BpfObject(bpf.object_path("l7pkt"))
+    obj.set_rodata({"scan_max": SMALL_SCAN}, L7PktRodata)
+    obj.load()
+    try:
+        yield Harness(obj)
+    finally:
+        obj.close()
+
+
+@ROLES
+@pytest.mark.parametrize("n", [50, 64])
+def test_pipelined_burst_beyond_one_runs_budget(small_harness: Harness, pod_is_client: bool, n: int) -> None:
+    small_harness.reset()
+    pipelined_burst(small_harness, pod_is_client, n)
+
+
+@ROLES
+def test_pipelined_burst_of_64_at_the_agents_budget(h: Harness, pod_is_client: bool) -> None:
+    pipelined_burst(h, pod_is_client, 64)
+
+
 @ROLES
 def test_request_split_one_byte_per_segment(h: Harness, pod_is_client: bool) -> None:
     c = Conv(h, 40007, pod_is_client).handshake()
@@ -324,6 +374,42 @@ def test_other_methods_and_leading_empty_lines(h: Harness) -> None:
     c.send(b"\r\nGET /a HTTP/1.1\r\n\r\n")
     c.reply(RESP)
     assert h.requests() == {(2, "_OTHER", 200, 80): 2, (2, "GET", 200, 80): 1}
+
+
+def ipv6_ext_exchange(h: Harness, exts: Sequence[Tuple[int, int]]) -> None:
+    """One IPv6 exchange whose every frame carries the extension headers `exts` ((kind,
+    length units), in order) between the IPv6 header and TCP."""
+    def f6(src, dst, sport, dport, seq, flags, payload=b""):
+        th = struct.pack("!HHIIBBHHH", sport, dport, seq, 1, 5 << 4, flags, 65535, 0, 0)
+        kinds = [k for k, _ in exts] + [6]
+        ext = b"".join(pk.ipv6_ext(k, kinds[i + 1], length_units=u) for i, (k, u) in enumerate(exts))
+        return pk.ethernet(0x86DD) + pk.ipv6_header(src, dst, kinds[0], len(ext) + len(th) + len(payload)) + ext + \
+            th + payload
+    pod, peer = "fd00:9::2", "fd00:9::1"
+    h.run(h.out, f6(pod, peer, 46001, 8080, 10, SYN))
+    h.run(h.into, f6(peer, pod, 8080, 46001, 500, SYN | ACK))
+    h.run(h.out, f6(pod, peer, 46001, 8080, 11, ACK | PSH, REQ))
+    h.run(h.into, f6(peer, pod, 8080, 46001, 501, ACK | PSH, RESP))
+
+
+IPV6_EXTS = pytest.mark.parametrize("exts", [[(pk.HOP, 0)], [(pk.HOP, 1), (pk.DSTOPTS, 0), (pk.ROUTING, 2)],
+                                             [(pk.HOP, 0), (pk.ROUTING, 0), (pk.DSTOPTS, 3), (pk.DSTOPTS, 0)]],
+                                    ids=["hop", "hop-dst-routing", "four"])
+
+
+@IPV6_EXTS
+def test_ipv6_extension_headers_skipped(h: Harness, exts: Sequence[Tuple[int, int]]) -> None:
+    ipv6_ext_exchange(h, exts)
+    assert h.requests() == {(2, "GET", 200, 8080): 1}
+
+
+@pytest.mark.parametrize("exts", [[(pk.DSTOPTS, 0)] * 5, [(pk.HOP, 0), (pk.FRAGMENT, 0)]], ids=["five", "fragment"])
+def test_ipv6_too_many_extension_headers_or_a_fragment_count_nothing(h: Harness, exts) -> None:
+    before = h.counters()
+    ipv6_ext_exchange(h, exts)
+    assert h.requests() == {}
+    unparsed = h.counters()["pkt_unparsed"] - before["pkt_unparsed"]
+    assert unparsed == (4 if len(exts) == 5 else 0)   # more than 4 headers: not trusted, counted
 
 
 def test_ipv6_exchange(h: Harness) -> None:

@@ -100,6 +100,10 @@ def test_other_traffic_path_is_cgroup_skb(report: Report) -> None:
     attach = report["check"]["attach"]
     assert attach["http/l7_other_traffic"].startswith("cgroup_skb (cgroup v2 root"), report["check"]["output"]
     assert attach["http/l7_other_traffic"].endswith("[meshlens_cg_eg, meshlens_cg_in]")
+    # and the socket-creation program that names their process (a kernel refusing it would
+    # show "no attach point" here, a warning in check)
+    assert attach["http/l7_process"] == "cgroup/sock_create (cgroup v2 root: each socket's creator, " \
+        "inherited on accept) [meshlens_cg_sk]", report["check"]["output"]
 
 
 def test_guest_uses_the_fentry_variants(report: Report) -> None:

@@ -8,7 +8,11 @@ HttpSnapshot / DnsSnapshot. Sockets of a pod whose veth the tc path parses are r
 `cover_netns` (map `pkt_netns`) and skipped unless the packet's device is loopback, so every
 request is counted once per side.
 
-Series carry the socket's cgroup id and netns; `process` is empty (a packet names no process).
+Series carry the socket's cgroup id, netns and process: the name of the task that created the
+socket, which the cgroup/sock_create program on the same root (`SOCK_PROGRAM`) keeps per socket
+(accepted sockets inherit their listener's). Sockets older than the agent, or every socket on a
+kernel that refuses that program (then `meshlens check` says so under `http/l7_process`), have
+an empty `process`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from meshlens.agent.kernel import bpf
+from meshlens.agent.kernel.bpf import BpfError
 from meshlens.agent.kernel.attach import Variant, load_with_fallback, variant_available
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
@@ -29,7 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlens.http")
 
 PROGRAMS = {"egress": "meshlens_cg_eg", "ingress": "meshlens_cg_in"}   # <16 chars: whole in bpftool
+SOCK_PROGRAM = "meshlens_cg_sk"   # cgroup/sock_create: a socket's netns, creator's name, skip
 CHOSEN = "cgroup_skb (cgroup v2 root: loopback, hostNetwork, host processes)"
+SOCK_CHOSEN = "cgroup/sock_create (cgroup v2 root: each socket's creator, inherited on accept)"
 
 # What "traffic no pod veth carries" could run on, best first. The socket-level hooks would
 # see every socket's bytes without a packet parse per segment; they are only a slot in the
@@ -69,15 +76,39 @@ class CgroupHttpSource(PacketHttpSource):
         super().__init__(config, features, on_pod_netns=None, watch=False, dns=dns)
         self.cgroup_root = cgroup_root
         self.test_netns = test_netns   # BPF_PROG_TEST_RUN only (l7cg.bpf.c's test_netns)
+        self.sock_refused: Optional[str] = None   # why SOCK_PROGRAM is not in use, if it is not
+        self._with_sock = True
 
     def _configure(self, obj: bpf.BpfObject) -> None:
         super()._configure(obj)
+        obj.program(SOCK_PROGRAM).autoload = self._with_sock
         obj.set_rodata({"sample_every": self.config.sample_every, "test_netns": self.test_netns}, L7CgRodata)
+
+    def _load(self) -> bpf.BpfObject:
+        """The object with SOCK_PROGRAM, or without it if the kernel refuses it (sk_storage or
+        the current-task helpers in cgroup/sock_create): packets are still parsed, unnamed."""
+        self._with_sock = True
+        try:
+            obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+            return obj
+        except BpfError as exc:
+            self.sock_refused = f"load refused ({exc.strerror or exc})"
+            log.warning("l7: cgroup/sock_create refused, series from cgroup_skb name no process: %s", exc)
+        self._with_sock = False
+        obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+        return obj
 
     def start(self) -> None:
         root = self.cgroup_root or cgroup2_root()
-        self.obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+        self.sock_refused = None
+        self.obj = self._load()
         try:
+            if self._with_sock:
+                try:   # before the packet programs: sockets created from now on are named
+                    self.obj.attach_cgroup(SOCK_PROGRAM, root)
+                except BpfError as exc:
+                    self.sock_refused = f"attach refused ({exc.strerror or exc})"
+                    log.warning("l7: cgroup/sock_create not attached, series name no process: %s", exc)
             for prog in PROGRAMS.values():
                 self.obj.attach_cgroup(prog, root)
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
@@ -90,6 +121,12 @@ class CgroupHttpSource(PacketHttpSource):
         tried = socket_hook_reasons(self.features)
         self._choices = [AttachChoice("l7_payload", "cgroup_skb", progs, tried=tried),
                          AttachChoice("dns_packets", "cgroup_skb", progs)]
+        if self.sock_refused is None:
+            self._choices.append(AttachChoice("l7_process", SOCK_CHOSEN, [SOCK_PROGRAM]))
+        else:
+            self._choices.append(AttachChoice("l7_process", None, [SOCK_PROGRAM], required=False,
+                                              tried=[f"cgroup/sock_create: {self.sock_refused}; "
+                                                     "series from cgroup_skb have an empty process"]))
         log.info("l7: HTTP/DNS from packets on cgroup %s (cgroup_skb %s)", root, ", ".join(progs))
 
     def health(self) -> SourceHealth:

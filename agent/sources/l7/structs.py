@@ -164,19 +164,19 @@ class L7Rodata(ctypes.Structure):
 class L7PktRodata(ctypes.Structure):
     """The `const volatile` knobs of l7pkt.bpf.c, in .rodata order."""
 
-    _fields_ = [("sample_every", ctypes.c_uint32)]
+    _fields_ = [("sample_every", ctypes.c_uint32), ("scan_max", ctypes.c_uint32)]
 
 
 class L7CgRodata(ctypes.Structure):
     """The `const volatile` knobs of l7cg.bpf.c, in .rodata order."""
 
-    _fields_ = [("sample_every", ctypes.c_uint32), ("test_netns", ctypes.c_uint32)]
+    _fields_ = [("sample_every", ctypes.c_uint32), ("scan_max", ctypes.c_uint32), ("test_netns", ctypes.c_uint32)]
 
 
 class MlCgSock(ctypes.Structure):
     """Value of l7cg.bpf.c's `cg_socks` (bpf_sk_storage)."""
 
-    _fields_ = [("netns", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("netns", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("comm", ctypes.c_char * 16)]
 
 
 class MlPktIface(ctypes.Structure):
