@@ -27,10 +27,12 @@ def notes(results: List[SectionResult], ctx: Context) -> List[str]:
             storm = ov["conn_storm"]["throughput"][m]["ratio_pct"]
             parts.append(f"{ctx.mode_label(m)}: {small:.1f}% keep-alive, {storm:.1f}% connection storm")
         out.append("Throughput/p99 (overhead): " + "; ".join(parts) + ". On 2 cores nginx and wrk already use both "
-                   "cores, so every cycle the agent or its programs take is taken from the workload. What closes it: "
-                   "for L7, payload capture off `syscalls:*` tracepoints (DESIGN.md measured an ~8% floor for any "
-                   "syscall tracepoint at ~110k req/s, versus ~2.3% for tc and ~2.9% for cgroup_skb); for the "
-                   "connection storm, less user-space work per connection event (agent CPU column).")
+                   "cores, so every cycle the agent or its programs take is taken from the workload. No `syscalls:*` "
+                   "tracepoint runs in either full mode (L7 is parsed from packets: tc at the pod veths, cgroup_skb "
+                   "on the cgroup v2 root for the rest, which pod traffic crosses too and is skipped there); what is "
+                   "left is the packet parse itself (kernel ns/request below: each node-local request is parsed at "
+                   "both veths, request and response) and, for the connection storm, the per-connection map work "
+                   "of the L4 state program, the packet path's connection entries and the handshake tracking.")
     cost = _data(results, "agent_cost")
     if cost and _missed(results, "kernel_ns_per_request"):
         by_obj = cost.get("ns_per_request_by_object_at_20k", {})
@@ -39,8 +41,11 @@ def notes(results: List[SectionResult], ctx: Context) -> List[str]:
                    sorted(by_obj.items())) + "; the most expensive programs: " + ", ".join(
                    f"{n} ({p['ns_per_run']:,.0f} ns × {p['runs_per_request']:.2f}/request)" for n, p in worst)
                    + ". Both ends of each request are on this node, so one request pays for two observed sockets; "
-                   "per observed side it is half. What closes it: fewer program runs per request (one enter+exit "
-                   "pair per syscall today) and cheaper parsing on the exit paths, or payload from tc.")
+                   "per observed side it is half. The tc programs carry the L7 parser (chained by tail call after "
+                   "the counters), so their ns/run is mostly parsing: four data-segment parses per request (two veths "
+                   "× request and response) plus ACK runs. What closes it: one header parse per packet (the parser "
+                   "re-reads what the counters parsed), per-CPU series instead of atomic adds on a shared hash, and "
+                   "fewer bpf_loop steps per data segment.")
     cap = _data(results, "capacity")
     for step in cap.get("connections", []):
         if step.get("lost"):
