@@ -150,6 +150,7 @@ enum ml_l7_counter {
 	ML_L7_DNS_PENDING_FULL = 30,   /* packet path: no room to wait for the answer: counted unanswered */
 	ML_L7_DNS_MALFORMED = 31,      /* packet path: a message to/from port 53 whose question is unreadable */
 	ML_L7_DNS_TCP_SKIPPED = 32,    /* packet path: TCP port-53 segments that start no message (continuations) */
+	ML_L7_PKT_FRAGMENTS = 33,      /* packet path: IP fragments (IPv4, IPv6 fragment header): not reassembled, no L7 */
 	ML_L7_CNT_MAX = 40,
 };
 

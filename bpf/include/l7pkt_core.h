@@ -187,8 +187,10 @@ static __always_inline int skip_ip6_ext(struct __sk_buff *skb, struct pkt *p, __
 
 #pragma unroll
 	for (i = 0; i < IP6_EXT_MAX; i++) {
-		if (p->proto == IP6_FRAGMENT)
+		if (p->proto == IP6_FRAGMENT) {
+			count(ML_L7_PKT_FRAGMENTS);
 			return 1;
+		}
 		if (p->proto != IP6_HOP && p->proto != IP6_ROUTING && p->proto != IP6_DSTOPTS)
 			return 0;
 		if (*l4 + 8 > end || ld(skb, *l4, eh, 2))
@@ -196,8 +198,10 @@ static __always_inline int skip_ip6_ext(struct __sk_buff *skb, struct pkt *p, __
 		p->proto = eh[0];
 		*l4 += ((__u32)eh[1] + 1) * 8;
 	}
-	if (p->proto == IP6_FRAGMENT)
+	if (p->proto == IP6_FRAGMENT) {
+		count(ML_L7_PKT_FRAGMENTS);
 		return 1;
+	}
 	if (p->proto == IP6_HOP || p->proto == IP6_ROUTING || p->proto == IP6_DSTOPTS)
 		return -1;
 	return 0;
@@ -220,8 +224,10 @@ static __always_inline int parse_ip(struct __sk_buff *skb, struct pkt *p, __u32 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		if (ld(skb, off, &ip, sizeof(ip)) || (ip.ver_ihl >> 4) != 4)
 			return -1;
-		if (bpf_ntohs(ip.frag_off) & 0x3fff)
-			return 1; /* fragment (or more to come): no L7 from fragments */
+		if (bpf_ntohs(ip.frag_off) & 0x3fff) {
+			count(ML_L7_PKT_FRAGMENTS);
+			return 1; /* fragment (or more to come): no L7 from fragments, counted */
+		}
 		l4 = off + (ip.ver_ihl & 0x0f) * 4;
 		end = off + bpf_ntohs(ip.tot_len);
 		if (!ip.tot_len)

@@ -408,8 +408,28 @@ def test_ipv6_too_many_extension_headers_or_a_fragment_count_nothing(h: Harness,
     before = h.counters()
     ipv6_ext_exchange(h, exts)
     assert h.requests() == {}
-    unparsed = h.counters()["pkt_unparsed"] - before["pkt_unparsed"]
+    after = h.counters()
+    unparsed = after["pkt_unparsed"] - before["pkt_unparsed"]
     assert unparsed == (4 if len(exts) == 5 else 0)   # more than 4 headers: not trusted, counted
+    fragments = after["pkt_fragments"] - before["pkt_fragments"]
+    assert fragments == (0 if len(exts) == 5 else 4)  # fragments: not reassembled, counted
+
+
+def test_ipv4_fragments_of_a_dns_answer_count_nothing_and_are_counted(h: Harness) -> None:
+    """A DNS answer split into IPv4 fragments (a large EDNS answer): the kernel does not
+    reassemble, so no answer is paired, and every fragment is counted, not passed over silently."""
+    dns_answers(h)
+    c0 = h.counters()
+    q = dns_msg(0x2345, "big.meshlens.test", 1)
+    h.run(h.out, udp(POD, PEER, 40011, 53, q))
+    ans = dns_msg(0x2345, "big.meshlens.test", 1, True)
+    udp_part = struct.pack("!HHHH", 53, 40011, 8 + len(ans), 0) + ans
+    first, rest = udp_part[:16], udp_part[16:]
+    h.run(h.into, pk.ethernet(0x0800) + pk.ipv4_header(PEER, POD, 17, len(first), more_fragments=True) + first)
+    h.run(h.into, pk.ethernet(0x0800) + pk.ipv4_header(PEER, POD, 17, len(rest), frag_offset=2) + rest)
+    c1 = h.counters()
+    d = {n: c1[n] - c0[n] for n in ("dns_queries", "dns_events", "pkt_fragments", "pkt_unparsed")}
+    assert d == {"dns_queries": 1, "dns_events": 0, "pkt_fragments": 2, "pkt_unparsed": 0}
 
 
 def test_ipv6_exchange(h: Harness) -> None:

@@ -73,6 +73,7 @@ COUNTER_NAMES = [
     "dns_pending_full",
     "dns_malformed",
     "dns_tcp_skipped",
+    "pkt_fragments",
 ]
 ML_L7_CNT_MAX = 40
 # Counters that are HTTP parser give-ups (exported as meshlens_http_parse_errors_total{reason}).
