@@ -91,6 +91,10 @@ $(BPF_OBJDIR)/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) $(APT_STAMP)
 	@mkdir -p $(BPF_OBJDIR)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+# The packet L7 objects lock a connection with compare-and-swap (bpf/include/l7pkt_core.h),
+# an instruction of BPF ISA v3 (kernel 5.12+; the packet path needs bpf_loop, 5.17, anyway).
+$(BPF_OBJDIR)/l7pkt.bpf.o $(BPF_OBJDIR)/l7cg.bpf.o: BPF_CFLAGS += -mcpu=v3
+
 # tracefs and bpffs are needed by libbpf (tracepoint ids) and for pins; mount when missing.
 mounts:
 	@mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing

@@ -151,6 +151,9 @@ enum ml_l7_counter {
 	ML_L7_DNS_MALFORMED = 31,      /* packet path: a message to/from port 53 whose question is unreadable */
 	ML_L7_DNS_TCP_SKIPPED = 32,    /* packet path: TCP port-53 segments that start no message (continuations) */
 	ML_L7_PKT_FRAGMENTS = 33,      /* packet path: IP fragments (IPv4, IPv6 fragment header): not reassembled, no L7 */
+	ML_L7_PKT_CONTENDED = 34,      /* packet path: segments that waited for another CPU parsing the same connection */
+	ML_L7_PKT_BUSY = 35,           /* packet path: ... and waited in vain: left unparsed (a gap at the next one) */
+	ML_L7_PKT_LOCK_STOLEN = 36,    /* packet path: connection locks taken over from a holder gone stale */
 	ML_L7_CNT_MAX = 40,
 };
 

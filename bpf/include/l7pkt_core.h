@@ -45,7 +45,8 @@ struct pconn {
 	struct conn c;
 	__u32 next_seq[2];
 	__u8 flags;
-	__u8 _pad[7];
+	__u8 _pad[3];
+	__u32 lock;    /* 0, or the owner's stamp (pconn_lock): one CPU at a time parses it */
 };
 
 struct {
@@ -68,6 +69,81 @@ struct {
 	__type(key, __u32);
 	__type(value, struct pconn);
 } pconn_zero SEC(".maps");      /* never written: the zero a new entry starts from */
+
+/* One connection's segments can be parsed on two CPUs at once: a veth delivers each packet
+ * on the sending task's CPU (its backlog), so when the sender moves while its old CPU's
+ * backlog still holds packets, or ksoftirqd runs them late, two segments of one stream, or
+ * a request and a response, meet in this program concurrently. Each copies the connection
+ * state into its CPU's scratch, parses, and copies it back: without a lock the second works
+ * from state the first has not written yet, and one write-back undoes the other (seen as
+ * `bad_start` and lost requests when 50 pipelined responses crossed two CPUs). So a CPU
+ * holds the entry's `lock` from its sequence check to its write-back, through the tail
+ * calls of a long segment. A bpf_spin_lock cannot be held across bpf_loop or a tail call;
+ * this one is a compare-and-swap word, and a CPU that finds it held waits (bounded) for
+ * the owner, which runs in softirq or with BH off and so is never descheduled mid-parse.
+ *
+ * The word holds the owner's clock in µs (never 0): a holder older than LOCK_STALE_US has
+ * died without releasing (an LRU eviction under it) and the lock is taken over, counted.
+ * A CPU that waited LOCK_SPINS turns in vain leaves its segment unparsed, counted as
+ * `pkt_busy`: the stream then shows a gap at its next segment, handled like a lost one. */
+#define LOCK_SPINS 16384
+#define LOCK_STALE_US 2000
+
+static __always_inline __u32 lock_stamp(void)
+{
+	return (__u32)(bpf_ktime_get_ns() >> 10) | 1;
+}
+
+struct lock_wait {
+	__u32 *word;
+	__u32 me;
+	__u32 got;
+};
+
+static long lock_spin(__u32 i, void *ctx)
+{
+	struct lock_wait *w = ctx;
+	__u32 cur = *(volatile __u32 *)w->word, now;
+
+	if (!cur) {
+		if (__sync_val_compare_and_swap(w->word, 0, w->me) == 0) {
+			w->got = 1;
+			return 1;
+		}
+		return 0;
+	}
+	if ((i & 1023) == 1023) {
+		now = lock_stamp();
+		if ((__s32)(now - cur) > LOCK_STALE_US &&
+		    __sync_val_compare_and_swap(w->word, cur, now) == cur) {
+			w->got = 2;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* 0 when this CPU holds pc's lock, -1 when it stayed busy (counted). */
+static __always_inline int pconn_lock(struct pconn *pc)
+{
+	struct lock_wait w = { .word = &pc->lock, .me = lock_stamp() };
+
+	if (__sync_val_compare_and_swap(&pc->lock, 0, w.me) == 0)
+		return 0;
+	count(ML_L7_PKT_CONTENDED);
+	bpf_loop(LOCK_SPINS, lock_spin, &w, 0);
+	if (w.got == 2)
+		count(ML_L7_PKT_LOCK_STOLEN);
+	if (w.got)
+		return 0;
+	count(ML_L7_PKT_BUSY);
+	return -1;
+}
+
+static __always_inline void pconn_unlock(struct pconn *pc)
+{
+	__sync_lock_test_and_set(&pc->lock, 0);   /* an exchange: ordered after the state writes */
+}
 
 /* A zeroed connection entry (per CPU). */
 static __always_inline struct pconn *fresh_pconn(void)
@@ -465,7 +541,8 @@ struct {
 	__type(value, struct pkt_cont);
 } pkt_cont SEC(".maps");
 
-/* End of a segment: FIN and RST, after its payload. */
+/* End of a segment, with pc's lock held: FIN and RST, after its payload; then the lock is
+ * released (before the entry goes, so no CPU waits on a deleted one). */
 static __always_inline void segment_flags(struct pconn *pc, struct ml_pkt_conn_key *key, __u8 dir, __u8 f)
 {
 	__u8 finbit = dir == DIR_OUT ? PC_FIN_OUT : PC_FIN_IN;
@@ -476,8 +553,11 @@ static __always_inline void segment_flags(struct pconn *pc, struct ml_pkt_conn_k
 	}
 	if ((f & TCP_RST) || (pc->flags & (PC_FIN_IN | PC_FIN_OUT)) == (PC_FIN_IN | PC_FIN_OUT)) {
 		pconn_gone(pc);
+		pconn_unlock(pc);
 		bpf_map_delete_elem(&pkt_conns, key);
+		return;
 	}
+	pconn_unlock(pc);
 }
 
 /* The rest of a segment in a tail call; returns only if it could not be made (then the
@@ -509,21 +589,24 @@ static __always_inline int segment_continued(struct __sk_buff *skb, __u8 dir)
 	struct scratch *sc = get_scratch();
 	struct pconn *pc;
 
-	if (!pk || !sc || !pk->len || pk->dir != dir)
-		return 0;
+	if (!pk || !pk->len || pk->dir != dir)
+		return 0;   /* no segment handed over: no lock is held for it */
 	len = pk->len;
 	off = pk->off;
 	pk->len = 0;
-	rest = ml_consume_skb(skb, off, len);
-	if (rest) {
-		continue_segment(skb, pk, off + len - rest, rest, dir);
-		giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+	if (sc) {
+		rest = ml_consume_skb(skb, off, len);
+		if (rest) {
+			continue_segment(skb, pk, off + len - rest, rest, dir);
+			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
+		}
 	}
 	pc = bpf_map_lookup_elem(&pkt_conns, &pk->key);
 	if (!pc)
 		return 0;
-	conn_copy(&pc->c, &sc->c);
-	segment_flags(pc, &pk->key, dir, pk->flags);
+	if (sc)
+		conn_copy(&pc->c, &sc->c);
+	segment_flags(pc, &pk->key, dir, pk->flags);   /* releases the lock the first part took */
 	return 0;
 }
 
@@ -574,8 +657,11 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	}
 	if (!pc && len == 0)
 		return;
-	if (len == 0)
+	if (len == 0) {
+		if (pconn_lock(pc))
+			return;
 		goto flags;
+	}
 	count(ML_L7_PKT_SEGMENTS);
 	if (!pc) {
 		/* the handshake was not seen (connection older than the agent, or an LRU eviction):
@@ -598,6 +684,9 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 		if (!pc)
 			return;
 	}
+	/* from the sequence check to the write-back (segment_flags), this CPU alone */
+	if (pconn_lock(pc))
+		return;
 	if (pc->c.role == ML_ROLE_UNKNOWN) {
 		/* first payload after a handshake we saw: decide what this connection is */
 		if (starts_message(skb, off, len, 0) == 1) {
@@ -605,6 +694,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 		} else {
 			pc->c.role = ML_ROLE_NOT_HTTP;
 			count(ML_L7_ERR_NOT_HTTP);
+			pconn_unlock(pc);
 			return;
 		}
 	}
@@ -657,8 +747,10 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	}
 
 	sc = get_scratch();
-	if (!sc)
+	if (!sc) {
+		pconn_unlock(pc);
 		return;
+	}
 	conn_copy(&sc->c, &pc->c);
 	sc->sk = 0;
 	sc->now = bpf_ktime_get_ns();

@@ -99,6 +99,13 @@ def test_pipelined_burst_beyond_one_runs_budget(small_harness: CgHarness, sock_i
 
 
 @pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
+def test_a_connection_another_cpu_parses_is_waited_for(h: CgHarness, sock_is_client: bool) -> None:
+    """The connection lock through the cgroup entry: a held lock leaves the segment counted
+    as busy, a stale one is taken over, and every path lets go."""
+    tcrun.test_a_connection_another_cpu_parses_is_waited_for_never_parsed_twice(h, sock_is_client)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
 def test_one_exchange_counts_once(h: CgHarness, sock_is_client: bool) -> None:
     c = Conv(h, 40001, sock_is_client).handshake()   # type: ignore[arg-type]
     c.send(REQ)

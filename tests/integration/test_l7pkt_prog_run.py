@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import random
 import struct
+import time
 from collections import Counter
 from typing import Dict, Iterator, Sequence, Tuple
 
@@ -69,6 +70,16 @@ class Harness:
             req += val.req_body_sum
             resp += val.resp_body_sum
         return req, resp
+
+    def locks_held(self) -> int:
+        """Connection entries whose lock word (struct pconn's last field) is taken."""
+        return sum(1 for _k, v in self.obj.map("pkt_conns").items_raw() if v[-4:] != bytes(4))
+
+    def set_lock(self, word: int) -> None:
+        """Write the lock word of the one connection entry, as another CPU holding it would."""
+        m = self.obj.map("pkt_conns")
+        (k, v), = m.items_raw()
+        m.update_raw(k, v[:-4] + struct.pack("<I", word))
 
     def reset(self) -> None:
         for name in ("http_stats", "pkt_conns", "dns_pending"):
@@ -278,6 +289,7 @@ def pipelined_burst(h: Harness, pod_is_client: bool, n: int) -> None:
     k = h.counters()
     assert k["scan_budget"] == before["scan_budget"]
     assert k["no_response"] == before["no_response"]
+    assert h.locks_held() == 0, "the continuation released the connection's lock"
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +313,42 @@ def test_pipelined_burst_beyond_one_runs_budget(small_harness: Harness, pod_is_c
 @ROLES
 def test_pipelined_burst_of_64_at_the_agents_budget(h: Harness, pod_is_client: bool) -> None:
     pipelined_burst(h, pod_is_client, 64)
+
+
+def lock_stamp(us_ago: int) -> int:
+    """A lock word as pconn_lock() writes it: the holder's CLOCK_MONOTONIC in µs, never 0."""
+    return ((time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> 10) - us_ago) & 0xFFFFFFFF | 1
+
+
+@ROLES
+def test_a_connection_another_cpu_parses_is_waited_for_never_parsed_twice(h: Harness, pod_is_client: bool) -> None:
+    """Two CPUs on one connection (a veth delivers on the sender's CPU): the second waits
+    for the first's lock. One that waits in vain leaves its segment unparsed and counted,
+    and the gap shows at the next segment; a lock whose holder is gone stale is taken over."""
+    c = Conv(h, 40041, pod_is_client).handshake()
+    before = h.counters()
+    c.send(REQ)
+    assert h.locks_held() == 0
+    h.set_lock(lock_stamp(0))            # held right now by "another CPU" that never lets go
+    c.reply(RESP)                        # waits, in vain: not parsed
+    k = h.counters()
+    assert (k["pkt_contended"] - before["pkt_contended"], k["pkt_busy"] - before["pkt_busy"]) == (1, 1)
+    assert h.requests() == {}
+    h.set_lock(0)                        # released
+    c.send(REQ)
+    c.reply(RESP)                        # after the unparsed one: a gap in the headers
+    k = h.counters()
+    assert k["pkt_desync"] - before["pkt_desync"] == 1
+    assert h.requests() == {}, "nothing guessed across the gap"
+    c.send(REQ)                          # starts a segment: the stream resynchronises
+    h.set_lock(lock_stamp(50_000))       # a holder 50 ms old: gone (an entry evicted under it)
+    c.reply(RESP)
+    k = h.counters()
+    assert k["pkt_lock_stolen"] - before["pkt_lock_stolen"] == 1
+    assert h.requests() == {(role(pod_is_client), "GET", 200, 80): 1}
+    assert h.locks_held() == 0
+    c.close()
+    assert not list(h.obj.map("pkt_conns").keys_raw())
 
 
 @ROLES

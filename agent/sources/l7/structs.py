@@ -74,6 +74,9 @@ COUNTER_NAMES = [
     "dns_malformed",
     "dns_tcp_skipped",
     "pkt_fragments",
+    "pkt_contended",
+    "pkt_busy",
+    "pkt_lock_stolen",
 ]
 ML_L7_CNT_MAX = 40
 # Counters that are HTTP parser give-ups (exported as meshlens_http_parse_errors_total{reason}).
