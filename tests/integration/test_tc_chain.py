@@ -115,3 +115,35 @@ def test_one_filter_per_hook_and_each_half_alone(node: Node, mode: str) -> None:
             assert ours["egress_bytes"] > REQUESTS * SIZE
         else:
             assert agent_iface(agent, client.host_veth) == {}
+
+
+def test_a_veth_tc_cannot_attach_to_is_left_to_cgroup_skb(node: Node) -> None:
+    """Chained, the L7 parser runs only inside the tc counter filters. A veth they cannot be
+    attached to (here a real `ingress` qdisc, left by another tool, holds its ingress hook)
+    must not be claimed for the packet path: its pod's sockets stay with cgroup_skb, which
+    counts its side exactly (and names the process, which tc cannot), while the other pod's
+    side is parsed at its veth as usual."""
+    web, client = node.add_pod("tcf-web"), node.add_pod("tcf-cli")
+    subprocess.run(["tc", "qdisc", "add", "dev", web.host_veth, "ingress"], check=True)
+    # the agent first: nginx's sockets are then made under its cgroup/sock_create, which names them
+    with AgentProcess(sweep_interval=0.1) as agent, Nginx(web, byte_sizes=(SIZE,)) as nginx:
+        wait_attached(agent, client)
+        assert agent.wait_total("meshlens_pod_interface_info", 1, interface=web.host_veth, attached="false") == 1
+        assert meshlens_filters(web.host_veth, agent.proc.pid) == [], "nothing of ours on the veth"
+        warm_up(client, web)
+        srv0 = {s.labels.get("process", ""): s.value for s in agent.samples()
+                if s.name == "http_server_request_duration_seconds_count" and s.labels.get("netns") == str(web.netns_inode)}
+        cli0 = http_count(agent, "client", client)
+        logged0 = len(nginx.access_log_entries())
+        out = client.run([sys.executable, "-c", CLIENT, web.ipv4, str(REQUESTS), str(SIZE)], timeout=120)
+        assert out.stdout.strip() == "done"
+        assert len(nginx.access_log_entries(expect=logged0 + REQUESTS)) - logged0 == REQUESTS
+        assert agent.wait_total("http_client_request_duration_seconds_count", cli0 + REQUESTS,
+                                netns=str(client.netns_inode)) == cli0 + REQUESTS, agent.log()
+        total0 = sum(srv0.values())
+        assert agent.wait_total("http_server_request_duration_seconds_count", total0 + REQUESTS,
+                                netns=str(web.netns_inode)) == total0 + REQUESTS, agent.log()
+        srv = {s.labels.get("process", ""): s.value - srv0.get(s.labels.get("process", ""), 0) for s in agent.samples()
+               if s.name == "http_server_request_duration_seconds_count" and s.labels.get("netns") == str(web.netns_inode)}
+        assert {p: n for p, n in srv.items() if n} == {"nginx": REQUESTS}, "parsed by cgroup_skb, in nginx's name"
+    subprocess.run(["tc", "qdisc", "del", "dev", web.host_veth, "ingress"], capture_output=True)

@@ -112,3 +112,78 @@ def test_runner_chains_the_parser_only_when_both_run(l7_source: str, features: t
         assert len(tc) == 1 and len(pkt) == 1 and tc[0].chain is pkt[0].chain is not None
     else:
         assert chains == set()
+
+
+class FakeIfaces:
+    """`pkt_ifaces` stand-in."""
+
+    def __init__(self) -> None:
+        self.entries: Dict[bytes, bytes] = {}
+
+    def update_raw(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self.entries[key] = value
+
+    def delete_raw(self, key: bytes) -> bool:
+        return self.entries.pop(key, None) is not None
+
+
+class FakeObj:
+    def __init__(self) -> None:
+        self.ifaces = FakeIfaces()
+
+    def map(self, name: str) -> FakeIfaces:
+        assert name == "pkt_ifaces"
+        return self.ifaces
+
+
+def chained_packet_source(chain: TcChain, told: list):
+    """A chained PacketHttpSource with its kernel half faked: only its link bookkeeping runs."""
+    from meshlens.agent.sources.l7.packets import PacketHttpSource
+
+    src = PacketHttpSource(on_pod_netns=lambda netns, covered: told.append((netns, covered)), watch=False)
+    src.obj = FakeObj()  # type: ignore[assignment]
+    src.chain, src.chained = chain, True
+    chain.listen(src._tc_attached)
+    src.resolver.resolve = lambda nsid: 7000 + nsid  # type: ignore[method-assign]
+    return src
+
+
+def veth(ifindex: int):
+    from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo
+
+    return LinkInfo(ifindex, f"veth{ifindex}", KIND_POD_VETH, peer_ifindex=2, peer_netnsid=ifindex)
+
+
+@pytest.mark.parametrize("tc_first", [True, False], ids=["tc first", "l7 first"])
+def test_chained_parser_claims_a_pod_only_once_its_veth_has_the_tc_filters(tc_first: bool) -> None:
+    chain, told = TcChain(), []
+    src = chained_packet_source(chain, told)
+    if tc_first:
+        chain.interface_attached(5, True)
+        src.link_up(veth(5))
+    else:
+        src.link_up(veth(5))
+        assert told == [], "not claimed before the tc source has attached"
+        chain.interface_attached(5, True)
+    chain.interface_attached(5, True)   # a repeated notification claims nothing twice
+    assert told == [(7005, True)]
+    src.link_gone(5)
+    chain.interface_gone(5)
+    assert told == [(7005, True), (7005, False)]
+
+
+@pytest.mark.parametrize("tc_first", [True, False], ids=["tc first", "l7 first"])
+def test_a_veth_the_tc_source_failed_on_stays_with_the_other_path(tc_first: bool) -> None:
+    chain, told = TcChain(), []
+    src = chained_packet_source(chain, told)
+    if tc_first:
+        chain.interface_attached(6, False)
+        src.link_up(veth(6))
+    else:
+        src.link_up(veth(6))
+        chain.interface_attached(6, False)
+    chain.interface_attached(6, False)
+    assert told == [] and src.attach_errors == 1
+    src.link_gone(6)
+    assert told == [], "never claimed, so nothing to give back"
+    assert src.obj.ifaces.entries == {}   # type: ignore[union-attr]

@@ -15,14 +15,17 @@ the pod is its network namespace, which the identity layer resolves.
 
 With a TcChain (agent/sources/tc/chain.py, given by the runner when the tc source runs too)
 the two programs attach no filters: the tc counter programs tail-call them, one filter per
-hook. Without one they sit in their own filters right behind the counters'.
+hook. Without one they sit in their own filters right behind the counters'. Chained, a pod is
+claimed for the packet path (`on_pod_netns(netns, True)`: the other path skips it) only once
+the chain says the counter filters are on its veth; a veth the tc source could not attach to
+is counted in `attach_errors` and left to the other path.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.attach import load_with_fallback
@@ -57,6 +60,8 @@ class PacketHttpSource(HttpSource):
         self.resolver = NetnsResolver()
         self._lock = threading.Lock()
         self.interfaces: Dict[int, int] = {}   # ifindex -> pod netns inode
+        self._claimed: Dict[int, int] = {}     # ifindex -> pod netns this path parses (told on_pod_netns)
+        self._unfiltered: Set[int] = set()     # chained, on veths the tc source failed to attach to
         self.attach_errors = 0
         self.chain: Optional[TcChain] = None   # set before start: run from the tc filters
         self.chained = False
@@ -78,6 +83,7 @@ class PacketHttpSource(HttpSource):
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
             fds = {d: self.obj.program(p).fd for d, p in PROGRAMS.items()}
             if self.chain:
+                self.chain.listen(self._tc_attached)
                 self.chain.chain(fds)
                 self.chained = True
             else:
@@ -100,6 +106,7 @@ class PacketHttpSource(HttpSource):
             self.watcher.stop()
             self.watcher = None
         if self.chained and self.chain:
+            self.chain.unlisten(self._tc_attached)
             self.chain.unchain()
             self.chained = False
         if self.attacher:
@@ -128,6 +135,32 @@ class PacketHttpSource(HttpSource):
             return
         with self._lock:
             self.interfaces[link.ifindex] = netns
+            # chained, the parser runs only where the tc source's filters are: wait for them
+            ready = not self.chained or (self.chain is not None and self.chain.attached(link.ifindex) is True)
+            if ready:
+                self._claim(link.ifindex)
+        if not ready and self.chain is not None and self.chain.attached(link.ifindex) is False:
+            self._tc_attached(link.ifindex, False)
+
+    def _tc_attached(self, ifindex: int, attached: bool) -> None:
+        """The chain's word on a veth (tc source's thread): claim its pod, or leave it."""
+        with self._lock:
+            if ifindex not in self.interfaces or ifindex in self._claimed:
+                return
+            if attached:
+                self._claim(ifindex)
+                return
+            if ifindex in self._unfiltered:
+                return
+            self._unfiltered.add(ifindex)
+            self.attach_errors += 1
+        log.warning("l7: no tc filters on ifindex %d: its pod's traffic is left to the %s path", ifindex,
+                    "other" if self.on_pod_netns else "no L7")
+
+    def _claim(self, ifindex: int) -> None:
+        """(with self._lock) this path parses the veth's pod: the other path skips it."""
+        netns = self.interfaces[ifindex]
+        self._claimed[ifindex] = netns
         if netns and self.on_pod_netns:
             self.on_pod_netns(netns, True)
 
@@ -135,7 +168,9 @@ class PacketHttpSource(HttpSource):
         if self.attacher:
             self.attacher.forget(ifindex)
         with self._lock:
-            netns = self.interfaces.pop(ifindex, None)
+            self.interfaces.pop(ifindex, None)
+            self._unfiltered.discard(ifindex)
+            netns = self._claimed.pop(ifindex, None)
         if self.obj:
             self.obj.map("pkt_ifaces").delete_raw(ifindex.to_bytes(4, "little"))
         if netns and self.on_pod_netns:

@@ -10,6 +10,11 @@ the tc source attaches to) and only registers the veths it parses in its `pkt_if
 Either stopping empties the array (the counter programs' tail call then falls through, and
 the counts go on). Without a chain each source works alone, as before.
 
+The chain also says which veths the counter filters are really on (`interface_attached`): a
+chained parser runs only where they are, so the L7 source claims a pod for the packet path
+(and the cgroup_skb path skips it) only once its veth's filters are in; a veth the tc source
+failed to attach to stays with the cgroup_skb path instead of going unparsed.
+
 Upstream: agent/sources/tc/source.py (offer_array/withdraw_array), agent/sources/l7/packets.py
 (chain/unchain). Downstream: the kernel's `l7_progs` map.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from meshlens.agent.kernel import bpf
 
@@ -34,6 +39,8 @@ class TcChain:
         self._lock = threading.Lock()
         self._array: Optional[bpf.Map] = None
         self._fds: Dict[str, int] = {}
+        self._attached: Dict[int, bool] = {}   # ifindex -> the counter filters are on it
+        self._listeners: List[Callable[[int, bool], None]] = []
 
     def offer_array(self, array: bpf.Map) -> None:
         """The tc source's `l7_progs`, loaded; fills it if the parser is already waiting."""
@@ -60,6 +67,34 @@ class TcChain:
             if self._array is not None:
                 self._clear()
             self._fds = {}
+
+    def interface_attached(self, ifindex: int, attached: bool) -> None:
+        """The tc source attached its filters to this veth (or failed to)."""
+        with self._lock:
+            self._attached[ifindex] = attached
+            listeners = list(self._listeners)
+        for cb in listeners:
+            cb(ifindex, attached)
+
+    def interface_gone(self, ifindex: int) -> None:
+        with self._lock:
+            self._attached.pop(ifindex, None)
+
+    def attached(self, ifindex: int) -> Optional[bool]:
+        """Whether the counter filters are on this veth; None while the tc source has not
+        said (its link watcher runs on its own thread)."""
+        with self._lock:
+            return self._attached.get(ifindex)
+
+    def listen(self, cb: Callable[[int, bool], None]) -> None:
+        """cb(ifindex, attached) after every interface_attached."""
+        with self._lock:
+            self._listeners.append(cb)
+
+    def unlisten(self, cb: Callable[[int, bool], None]) -> None:
+        with self._lock:
+            if cb in self._listeners:
+                self._listeners.remove(cb)
 
     @property
     def active(self) -> bool:

@@ -220,12 +220,16 @@ class TcSource(ObjectSource):
         with self._lock:
             self._interfaces[link.ifindex] = info
             self._removed.pop(link.ifindex, None)
+        if self.chain:   # a chained L7 parser runs only where these filters are
+            self.chain.interface_attached(link.ifindex, not error)
         log.info("tc: %s %s (ifindex %d, peer netns %d)", "attached to" if not error else "tracking",
                  link.name, link.ifindex, peer_netns)
 
     def link_gone(self, ifindex: int) -> None:
         if self.attacher:
             self.attacher.forget(ifindex)
+        if self.chain:
+            self.chain.interface_gone(ifindex)
         with self._lock:
             slot = self._slots.release(ifindex)
             if slot and self.obj:
