@@ -80,7 +80,9 @@ struct {
  * holds the entry's `lock` from its sequence check to its write-back, through the tail
  * calls of a long segment. A bpf_spin_lock cannot be held across bpf_loop or a tail call;
  * this one is a compare-and-swap word, and a CPU that finds it held waits (bounded) for
- * the owner, which runs in softirq or with BH off and so is never descheduled mid-parse.
+ * the owner. At tc and cgroup ingress the owner runs in softirq and cannot be descheduled
+ * mid-parse; at cgroup egress it runs in the sending task, which only a fully preemptible
+ * kernel (PREEMPT, RT) may deschedule there. Either way the wait is bounded.
  *
  * The word holds the owner's clock in µs (never 0): a holder older than LOCK_STALE_US has
  * died without releasing (an LRU eviction under it) and the lock is taken over, counted.
