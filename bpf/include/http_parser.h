@@ -107,6 +107,7 @@ struct scratch {
 	__u8 is_req;
 	__u8 lenient;
 	__u8 stop;
+	__u8 path_carried;   /* packet path: the request's path so far came back from `path_carry` */
 	/* packet path: who the pod behind the interface is and who its peer is */
 	__u8 local_addr[16];
 	__u8 peer_addr[16];
@@ -536,7 +537,9 @@ __noinline int ml_request_started(void)
 	p->method = s->method;
 	p->flags = 0;
 	c->tail++;
-	if (s->msg_start_ns == sc->now)  /* the whole path is in this syscall's scratch */
+	/* the whole path is in the scratch: it started in this run, or the packet path carried
+	 * the part before this segment over */
+	if (s->msg_start_ns == sc->now || sc->path_carried)
 		send_path(sc, s->path_hash, s->path_len);
 	return 0;
 }

@@ -519,6 +519,52 @@ static __always_inline void desync(struct pconn *pc)
 	pc->flags &= ~(PC_SYNC_IN | PC_SYNC_OUT);
 }
 
+/* A request line whose path spans segments (one-byte writes, a pipelined burst cut at the
+ * MSS): the path bytes so far live in the per-CPU scratch, which the next segment of this
+ * connection may not find there. The hash that names the route goes on in the connection
+ * state; the text, which is sent once per path (`send_path`), would be lost, so the route
+ * showed "unknown" until the same path came whole. So the part seen is kept here between the
+ * segments, per connection and only while a path is open: no cost to a path in one segment. */
+struct path_part {
+	char path[ML_PATH_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct ml_pkt_conn_key);
+	__type(value, struct path_part);
+} path_carry SEC(".maps");
+
+/* Before a segment is parsed: the open path's first part back into the scratch. */
+static __always_inline void path_restore(struct scratch *sc, struct ml_pkt_conn_key *key)
+{
+	struct stream *s = sc->is_out ? &sc->c.out : &sc->c.in;
+	struct path_part *part;
+
+	sc->path_carried = 0;
+	if (!sc->is_req || s->state != S_PATH || !s->path_len)
+		return;
+	part = bpf_map_lookup_elem(&path_carry, key);
+	if (!part)
+		return;   /* evicted: the route's text waits for this path to come whole */
+	__builtin_memcpy(sc->path, part->path, ML_PATH_MAX);
+	sc->path_carried = 1;
+}
+
+/* After it: a path still open at its end is kept for the next segment; else forgotten. */
+static __always_inline void path_save(struct scratch *sc, struct ml_pkt_conn_key *key, __u8 had)
+{
+	struct stream *s = sc->is_out ? &sc->c.out : &sc->c.in;
+
+	if (sc->is_req && s->state == S_PATH && s->path_len) {
+		bpf_map_update_elem(&path_carry, key, sc->path, BPF_ANY);
+		return;
+	}
+	if (had)
+		bpf_map_delete_elem(&path_carry, key);
+}
+
 /* A segment whose headers outlast one program's budget (a GSO super-packet of 50 pipelined
  * responses) goes on in a tail call: the continuation (the entry point's `pkt_cont_out` /
  * `pkt_cont_in` program arrays, entry 0) takes the connection state from the per-CPU scratch,
@@ -602,6 +648,7 @@ static __always_inline int segment_continued(struct __sk_buff *skb, __u8 dir)
 			continue_segment(skb, pk, off + len - rest, rest, dir);
 			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
 		}
+		path_save(sc, &pk->key, sc->path_carried);
 	}
 	pc = bpf_map_lookup_elem(&pkt_conns, &pk->key);
 	if (!pc)
@@ -768,6 +815,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 	sc->pkt_netns = netns;
 	sc->pkt_cgroup = p->cgroup_id;
 	__builtin_memcpy(sc->pkt_comm, p->comm, sizeof(sc->pkt_comm));
+	path_restore(sc, &p->key);
 	if (skip < len) {
 		__u32 rest = ml_consume_skb(skb, off + skip, len - skip);
 
@@ -785,6 +833,7 @@ static __always_inline void http_segment(struct __sk_buff *skb, struct pkt *p, _
 			giveup(sc, ML_L7_ERR_SCAN_BUDGET);
 		}
 	}
+	path_save(sc, &p->key, sc->path_carried);
 	pc = bpf_map_lookup_elem(&pkt_conns, &p->key);
 	if (!pc)
 		return;

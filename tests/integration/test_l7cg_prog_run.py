@@ -106,6 +106,12 @@ def test_a_connection_another_cpu_parses_is_waited_for(h: CgHarness, sock_is_cli
 
 
 @pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
+@pytest.mark.parametrize("split", ["three segments", "one byte each"])
+def test_a_path_split_over_segments_keeps_its_text(h: CgHarness, sock_is_client: bool, split: str) -> None:
+    tcrun.test_a_path_split_over_segments_keeps_its_text(h, sock_is_client, split)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sock_is_client", [True, False], ids=["client", "server"])
 def test_one_exchange_counts_once(h: CgHarness, sock_is_client: bool) -> None:
     c = Conv(h, 40001, sock_is_client).handshake()   # type: ignore[arg-type]
     c.send(REQ)

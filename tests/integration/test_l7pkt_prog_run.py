@@ -21,8 +21,8 @@ import pytest
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.libbpf import num_possible_cpus
-from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, METHOD_NAMES, L7PktRodata,
-                                               MlDnsEvent, MlHttpKey, MlHttpVal, MlPktIface)
+from meshlens.agent.sources.l7.structs import (COUNTER_NAMES, DNS_ANSWERED, EV_DNS, EV_PATH, METHOD_NAMES,
+                                               L7PktRodata, MlDnsEvent, MlHttpKey, MlHttpVal, MlPathEvent, MlPktIface)
 from tests.integration import tc_packets as pk
 
 TC_ACT_UNSPEC = 0xFFFFFFFF
@@ -349,6 +349,42 @@ def test_a_connection_another_cpu_parses_is_waited_for_never_parsed_twice(h: Har
     assert h.locks_held() == 0
     c.close()
     assert not list(h.obj.map("pkt_conns").keys_raw())
+
+
+def path_texts(h: Harness) -> Dict[int, str]:
+    """The ML_EV_PATH records waiting in the ring buffer (consumed): path id -> text."""
+    got: Dict[int, str] = {}
+
+    def on(data: bytes) -> None:
+        if int.from_bytes(data[:4], "little") == EV_PATH:
+            e = MlPathEvent.from_buffer_copy(data)
+            got[e.path_id] = bytes(e.path)[: e.len].decode()
+    rb = bpf.RingBuffer(h.obj.map("l7_events"), on)
+    try:
+        rb.consume()
+    finally:
+        rb.free()
+    return got
+
+
+@ROLES
+@pytest.mark.parametrize("split", ["three segments", "one byte each"])
+def test_a_path_split_over_segments_keeps_its_text(h: Harness, pod_is_client: bool, split: str) -> None:
+    """The route's text is sent once per path, from the scratch; a path cut by segment
+    boundaries is carried over in `path_carry`, so its text arrives with its first request
+    (not "unknown" until the same path comes whole), and the carry is gone afterwards."""
+    path_texts(h)
+    path = "/carried/%s/%s/over-segments" % ("cli" if pod_is_client else "srv", split.split()[0])
+    req = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+    cuts = (9, 23) if split == "three segments" else tuple(range(1, len(req)))   # both inside the path
+    c = Conv(h, 40060 + len(cuts) + (0 if pod_is_client else 100), pod_is_client).handshake()
+    for a, b in zip((0,) + cuts, cuts + (len(req),)):
+        c.send(req[a:b])
+    c.reply(RESP)
+    assert h.requests() == {(role(pod_is_client), "GET", 200, 80): 1}
+    (key,) = [MlHttpKey.from_buffer_copy(k) for k, _ in h.obj.map("http_stats").items_raw()]
+    assert path_texts(h) == {key.path_id: path}
+    assert list(h.obj.map("path_carry").keys_raw()) == []
 
 
 @ROLES
