@@ -177,6 +177,13 @@ class Map:
         if err:
             raise BpfError(f"set_max_entries({self.name}, {n})", err)
 
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: use the loaded map behind fd (another object's) instead of creating
+        one; the kernel checks at load that type, key, value and size match."""
+        err = lib.bpf_map__reuse_fd(self._ptr, fd)
+        if err:
+            raise BpfError(f"reuse_fd({self.name})", libbpf.get_errno() or err)
+
     def initial_value(self) -> ctypes.Array:
         """Writable view of a global-data map (.rodata, .bss) before load."""
         size = ctypes.c_size_t()

@@ -72,6 +72,30 @@ def test_auto_attaches_no_syscall_tracepoint(l7) -> None:
     assert {"meshlens_cg_eg", "meshlens_cg_in"} <= names
 
 
+def fdinfo(fd: int) -> Dict[str, str]:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_both_entry_points_share_one_connection_table(l7) -> None:
+    """tc and cgroup_skb use one `pkt_conns` (their keys never meet): the kernel holds one
+    map of that name for this agent, not two of ~28 MB each."""
+    tc_map, cg_map = l7.packets.obj.map("pkt_conns"), l7.cgroup.obj.map("pkt_conns")
+    tc_info, cg_info = fdinfo(tc_map.fd), fdinfo(cg_map.fd)
+    assert tc_info["map_id"] == cg_info["map_id"]
+    ids = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            info = fdinfo(int(fd))
+        except OSError:
+            continue
+        if "map_id" in info:
+            shown = json.loads(host_run("bpftool", "-j", "map", "show", "id", info["map_id"]))
+            if shown.get("name") == "pkt_conns":
+                ids.add(info["map_id"])
+    assert ids == {tc_info["map_id"]}, ids
+
+
 def test_pod_traffic_once_and_loopback_from_cgroup_skb(l7, env) -> None:
     node, web, client, nginx, _ = env
     settle(l7, 0.3)   # both pods registered with the cgroup_skb path

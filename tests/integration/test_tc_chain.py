@@ -124,6 +124,9 @@ def test_a_veth_tc_cannot_attach_to_is_left_to_cgroup_skb(node: Node) -> None:
     counts its side exactly (and names the process, which tc cannot), while the other pod's
     side is parsed at its veth as usual."""
     web, client = node.add_pod("tcf-web"), node.add_pod("tcf-cli")
+    # another agent on this machine (a developer's, a concurrent suite's) may already have put
+    # its clsact on the new veth: the ingress qdisc goes in its place
+    subprocess.run(["tc", "qdisc", "del", "dev", web.host_veth, "clsact"], capture_output=True)
     subprocess.run(["tc", "qdisc", "add", "dev", web.host_veth, "ingress"], check=True)
     # the agent first: nginx's sockets are then made under its cgroup/sock_create, which names them
     with AgentProcess(sweep_interval=0.1) as agent, Nginx(web, byte_sizes=(SIZE,)) as nginx:

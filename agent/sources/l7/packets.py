@@ -64,6 +64,7 @@ class PacketHttpSource(HttpSource):
         self._unfiltered: Set[int] = set()     # chained, on veths the tc source failed to attach to
         self.attach_errors = 0
         self.chain: Optional[TcChain] = None   # set before start: run from the tc filters
+        self.shared_conns: Optional[bpf.Map] = None   # set before start: another object's pkt_conns
         self.chained = False
 
     def use_tc_chain(self, chain: TcChain) -> None:
@@ -72,6 +73,8 @@ class PacketHttpSource(HttpSource):
 
     def _configure(self, obj: bpf.BpfObject) -> None:
         obj.map("pkt_conns").max_entries = self.config.conns_max_entries
+        if self.shared_conns is not None:   # one connection table for both packet entries
+            obj.map("pkt_conns").reuse_fd(self.shared_conns.fd)
         obj.map("http_stats").max_entries = self.config.stats_max_entries
         obj.map("l7_events").max_entries = self.config.ringbuf_bytes
         obj.map("dns_pending").max_entries = self.dns.max_pending

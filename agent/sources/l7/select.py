@@ -85,8 +85,22 @@ class BothHttpSource(Source):
                 self.stop()
                 raise
             self._started.append(self.syscalls)
+        if self.other is self.cgroup:
+            # one pkt_conns for both entry points (~28 MB at the default size, not twice): their
+            # keys never meet (tc keys carry the veth's ifindex, cgroup_skb keys the socket's
+            # netns inode; a socket tc parses is skipped by cgroup_skb before any map is read)
+            self.packets.shared_conns = self.cgroup.obj.map("pkt_conns") if self.cgroup.obj else None
         try:
-            self.packets.start()
+            try:
+                self.packets.start()
+            except Exception as exc:  # noqa: BLE001 - the shared table refused: each its own
+                if self.packets.shared_conns is None:
+                    raise
+                log.warning("http: the packet path cannot share cgroup_skb's pkt_conns (%s); it loads its own",
+                            _first_line(exc))
+                self.packets.stop()
+                self.packets.shared_conns = None
+                self.packets.start()
             self._started.append(self.packets)
         except Exception as exc:  # noqa: BLE001 - e.g. a verifier that rejects l7pkt.bpf.o here
             self.packets_refused = _first_line(exc)
