@@ -41,6 +41,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #define FIFO 64
 #include "http_parser.h"
 #include "l7pkt.h"
@@ -242,6 +243,86 @@ int meshlens_cg_sk(struct bpf_sock *ctx)
 	if (bpf_map_lookup_elem(&pkt_netns, &netns))
 		st->flags |= ML_CGS_SKIP;
 	return 1;   /* allow: observe only */
+}
+
+/* Sockets older than the agent: sock_create never saw them (a server started before the
+ * agent, a keep-alive connection already open), so their series would name no process, and
+ * neither would what such a listener accepts. At start the agent names them in two passes:
+ * the sockets' owners from every task's open files (the first task found holding one: its
+ * comm, by the socket's inode), then each TCP socket of each netns, by iter/tcp, whose
+ * pointer the storage helpers take (one reached through a file is untrusted to them). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);                /* the socket's inode */
+	__type(value, struct ml_old_owner);
+} old_owners SEC(".maps");
+
+SEC("iter/task_file")
+int meshlens_cg_owners(struct bpf_iter__task_file *ctx)
+{
+	struct file *file = ctx->file;
+	struct task_struct *task = ctx->task;
+	struct ml_old_owner o = {};
+	struct socket *sock;
+	struct sock *sk;
+	__u16 family;
+	__u64 ino;
+
+	if (!file || !task)
+		return 0;
+	sock = bpf_sock_from_file(file);
+	if (!sock)
+		return 0;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	ino = BPF_CORE_READ(file, f_inode, i_ino);
+	bpf_probe_read_kernel_str(o.comm, sizeof(o.comm), task->comm);
+	if (bpf_map_update_elem(&old_owners, &ino, &o, BPF_NOEXIST) == -7 /* E2BIG */)
+		count(ML_L7_OLD_OWNERS_FULL);
+	return 0;
+}
+
+SEC("iter/tcp")
+int meshlens_cg_old_socks(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct ml_old_owner *o;
+	struct ml_cg_sock *st;
+	struct tcp_sock *tp;
+	struct sock *sk;
+	__u64 ino;
+	__u32 netns;
+	__u8 one = 1;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;   /* time-wait and request sockets: no file, nothing to name */
+	sk = (struct sock *)tp;
+	ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	o = ino ? bpf_map_lookup_elem(&old_owners, &ino) : NULL;
+	if (!o)
+		return 0;
+	st = bpf_sk_storage_get(&cg_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st || (st->flags & ML_CGS_COMM))
+		return 0;   /* named already (sock_create, or cloned from a named listener) */
+	netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	if (!(st->flags & ML_CGS_NETNS)) {
+		st->netns = netns;
+		st->flags |= ML_CGS_NETNS;
+	}
+	__builtin_memcpy(st->comm, o->comm, sizeof(st->comm));
+	st->flags |= ML_CGS_COMM;
+	if (bpf_map_lookup_elem(&pkt_netns, &netns))
+		st->flags |= ML_CGS_SKIP;
+	bpf_seq_write(ctx->meta->seq, &one, 1);
+	return 0;
 }
 
 SEC("cgroup_skb/egress")

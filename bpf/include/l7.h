@@ -154,6 +154,7 @@ enum ml_l7_counter {
 	ML_L7_PKT_CONTENDED = 34,      /* packet path: segments that waited for another CPU parsing the same connection */
 	ML_L7_PKT_BUSY = 35,           /* packet path: ... and waited in vain: left unparsed (a gap at the next one) */
 	ML_L7_PKT_LOCK_STOLEN = 36,    /* packet path: connection locks taken over from a holder gone stale */
+	ML_L7_OLD_OWNERS_FULL = 37,    /* cgroup_skb path: sockets older than the agent left unnamed (old_owners full) */
 	ML_L7_CNT_MAX = 40,
 };
 

@@ -62,6 +62,12 @@ struct ml_cg_sock {
 	char comm[16]; /* the creating task's name (ML_L7_COMM_LEN), if ML_CGS_COMM */
 };
 
+/* Value of l7cg.bpf.c's `old_owners` (socket inode -> the first task found holding it): what
+ * the iter/task_file pass learns for the iter/tcp pass, at the agent's start only. */
+struct ml_old_owner {
+	char comm[16];
+};
+
 #pragma clang diagnostic pop
 
 #endif

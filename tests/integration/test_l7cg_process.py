@@ -12,7 +12,7 @@ from typing import Dict, Iterator
 
 import pytest
 
-from meshlens.agent.sources.l7.cgroup import SOCK_PROGRAM
+from meshlens.agent.sources.l7.cgroup import OLD_SOCKS_PROGRAM, OWNERS_PROGRAM, SOCK_PROGRAM
 from meshlens.agent.sources.l7.select import BothHttpSource
 from tests.integration.l7_helpers import log_counts, settle, started_source
 from tests.integration.servers import Nginx, free_port
@@ -51,7 +51,7 @@ def listener_comm(port: int) -> str:
 def test_sock_create_attached(l7) -> None:
     report = {c.signal: c for c in l7.attach_report()}
     assert report["l7_process"].chosen and report["l7_process"].chosen.startswith("cgroup/sock_create")
-    assert report["l7_process"].programs == [SOCK_PROGRAM]
+    assert report["l7_process"].programs == [SOCK_PROGRAM, OWNERS_PROGRAM, OLD_SOCKS_PROGRAM]
 
 
 def test_host_nginx_and_clients_named(l7) -> None:
@@ -116,3 +116,55 @@ def test_accepted_socket_inherits_listener_name(l7) -> None:
     assert by_process(host_series(l7, "server", port)) == {"ml-listen": n}
     # the series are in the host netns and this test's cgroup (host_series filters on both)
     assert all(k.netns == HOST_NETNS and k.cgroup_id == my_cgroup_id() for k in host_series(l7, "server", port))
+
+
+# A keep-alive client that makes its connection (and a first request) before the agent starts,
+# then waits to be told to go on with the rest on the same connection.
+OLD_CLIENT = textwrap.dedent("""
+    import http.client, sys
+    c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]))
+    c.request("GET", "/status/200"); c.getresponse().read()
+    print(open("/proc/self/comm").read().strip(), flush=True)
+    sys.stdin.readline()
+    for _ in range(int(sys.argv[3])):
+        c.request("GET", "/bytes/4099"); c.getresponse().read()
+    print("done", flush=True)
+""")
+
+
+def test_sockets_older_than_the_agent_are_named() -> None:
+    """An agent that starts after the server and after a client's keep-alive connection (a
+    DaemonSet rollout on a busy node): sock_create never saw those sockets, so the start-up
+    pass names them from their holders. The old connection's requests, both sides, and a new
+    connection accepted from the old listener carry the names `ss -p` and /proc give."""
+    with Nginx(None, free_port()) as nginx:  # type: ignore[arg-type]
+        port = nginx.port
+        nginx_comm = listener_comm(port)
+        n_old, n_curl = 9, 5
+        proc = subprocess.Popen([sys.executable, "-c", OLD_CLIENT, "127.0.0.1", str(port), str(n_old)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            py_comm = proc.stdout.readline().strip()   # type: ignore[union-attr]
+            n_log = len(nginx.access_log_entries(expect=1))
+            gen = started_source("auto")
+            late = next(gen)
+            try:
+                assert isinstance(late, BothHttpSource)
+                assert late.cgroup.old_socks_refused is None
+                # at least nginx's listener, its accepted socket and the client's
+                assert late.cgroup.old_socks_named >= 3, late.cgroup.old_socks_named
+                proc.stdin.write("go\n")   # type: ignore[union-attr]
+                proc.stdin.flush()         # type: ignore[union-attr]
+                assert proc.stdout.readline().strip() == "done"   # type: ignore[union-attr]
+                host_run("curl", "-sS", "-o", "/dev/null", *[f"http://127.0.0.1:{port}/status/201"] * n_curl)
+                entries = nginx.access_log_entries(expect=n_log + n_old + n_curl)[n_log:]
+                settle(late)
+                assert sum(log_counts(entries, port).values()) == n_old + n_curl
+                assert by_process(host_series(late, "server", port)) == {nginx_comm: n_old + n_curl}
+                assert by_process(host_series(late, "client", port, "127.0.0.1")) == {py_comm: n_old, "curl": n_curl}
+                assert nginx_comm == "nginx" and py_comm.startswith("python")
+            finally:
+                gen.close()
+        finally:
+            proc.kill()
+            proc.wait()

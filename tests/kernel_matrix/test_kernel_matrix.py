@@ -102,8 +102,9 @@ def test_other_traffic_path_is_cgroup_skb(report: Report) -> None:
     assert attach["http/l7_other_traffic"].endswith("[meshlens_cg_eg, meshlens_cg_in]")
     # and the socket-creation program that names their process (a kernel refusing it would
     # show "no attach point" here, a warning in check)
+    # (and the two start-up iterators that name sockets older than the agent)
     assert attach["http/l7_process"] == "cgroup/sock_create (cgroup v2 root: each socket's creator, " \
-        "inherited on accept) [meshlens_cg_sk]", report["check"]["output"]
+        "inherited on accept) [meshlens_cg_sk, meshlens_cg_owners, meshlens_cg_old_socks]", report["check"]["output"]
 
 
 def test_guest_uses_the_fentry_variants(report: Report) -> None:

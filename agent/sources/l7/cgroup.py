@@ -10,9 +10,12 @@ request is counted once per side.
 
 Series carry the socket's cgroup id, netns and process: the name of the task that created the
 socket, which the cgroup/sock_create program on the same root (`SOCK_PROGRAM`) keeps per socket
-(accepted sockets inherit their listener's). Sockets older than the agent, or every socket on a
-kernel that refuses that program (then `meshlens check` says so under `http/l7_process`), have
-an empty `process`.
+(accepted sockets inherit their listener's). Sockets older than the agent are named once at
+start in two passes: an iterator over every task's open files (`OWNERS_PROGRAM`,
+iter/task_file) finds each TCP socket's first holder, then iter/tcp in every netns
+(`OLD_SOCKS_PROGRAM`) gives the socket that name; a listener named so names what it accepts
+from then on. UDP sockets older than the agent stay unnamed. Every socket on a kernel that refuses sock_create (then `meshlens check` says so
+under `http/l7_process`), and old ones where the iterator is refused, have an empty `process`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from meshlens.agent.kernel import bpf
 from meshlens.agent.kernel.bpf import BpfError
+from meshlens.agent.kernel.bpf_iter import attach_iter, read_iter
+from meshlens.agent.kernel.netns import NetnsDirectory, in_each
 from meshlens.agent.kernel.attach import Variant, load_with_fallback, variant_available
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import AttachChoice, SourceHealth
@@ -35,6 +40,8 @@ log = logging.getLogger("meshlens.http")
 
 PROGRAMS = {"egress": "meshlens_cg_eg", "ingress": "meshlens_cg_in"}   # <16 chars: whole in bpftool
 SOCK_PROGRAM = "meshlens_cg_sk"   # cgroup/sock_create: a socket's netns, creator's name, skip
+OWNERS_PROGRAM = "meshlens_cg_owners"   # iter/task_file, once at start: old sockets' owners
+OLD_SOCKS_PROGRAM = "meshlens_cg_old_socks"   # iter/tcp, once per netns: names those sockets
 CHOSEN = "cgroup_skb (cgroup v2 root: loopback, hostNetwork, host processes)"
 SOCK_CHOSEN = "cgroup/sock_create (cgroup v2 root: each socket's creator, inherited on accept)"
 
@@ -77,17 +84,29 @@ class CgroupHttpSource(PacketHttpSource):
         self.cgroup_root = cgroup_root
         self.test_netns = test_netns   # BPF_PROG_TEST_RUN only (l7cg.bpf.c's test_netns)
         self.sock_refused: Optional[str] = None   # why SOCK_PROGRAM is not in use, if it is not
+        self.old_socks_refused: Optional[str] = None   # why OLD_SOCKS_PROGRAM did not run, if it did not
+        self.old_socks_named = 0   # sockets older than the agent it named at start
         self._with_sock = True
+        self._with_iter = True
 
     def _configure(self, obj: bpf.BpfObject) -> None:
         super()._configure(obj)
         obj.program(SOCK_PROGRAM).autoload = self._with_sock
+        obj.program(OWNERS_PROGRAM).autoload = self._with_sock and self._with_iter
+        obj.program(OLD_SOCKS_PROGRAM).autoload = self._with_sock and self._with_iter
         obj.set_rodata({"sample_every": self.config.sample_every, "test_netns": self.test_netns}, L7CgRodata)
 
     def _load(self) -> bpf.BpfObject:
         """The object with SOCK_PROGRAM, or without it if the kernel refuses it (sk_storage or
         the current-task helpers in cgroup/sock_create): packets are still parsed, unnamed."""
-        self._with_sock = True
+        self._with_sock = self._with_iter = True
+        try:
+            obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+            return obj
+        except BpfError as exc:
+            self.old_socks_refused = f"load refused ({exc.strerror or exc})"
+            log.warning("l7: iterators refused, sockets older than the agent name no process: %s", exc)
+        self._with_iter = False
         try:
             obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
             return obj
@@ -100,7 +119,7 @@ class CgroupHttpSource(PacketHttpSource):
 
     def start(self) -> None:
         root = self.cgroup_root or cgroup2_root()
-        self.sock_refused = None
+        self.sock_refused = self.old_socks_refused = None
         self.obj = self._load()
         try:
             if self._with_sock:
@@ -111,6 +130,8 @@ class CgroupHttpSource(PacketHttpSource):
                     log.warning("l7: cgroup/sock_create not attached, series name no process: %s", exc)
             for prog in PROGRAMS.values():
                 self.obj.attach_cgroup(prog, root)
+            if self._with_sock and self.sock_refused is None and self._with_iter:
+                self._name_old_sockets()   # after sock_create: a socket is either seen there or here
             self._rb = bpf.RingBuffer(self.obj.map("l7_events"), self._on_event)
             for netns in list(self._covered):
                 self._write_covered(netns, True)
@@ -122,16 +143,44 @@ class CgroupHttpSource(PacketHttpSource):
         self._choices = [AttachChoice("l7_payload", "cgroup_skb", progs, tried=tried),
                          AttachChoice("dns_packets", "cgroup_skb", progs)]
         if self.sock_refused is None:
-            self._choices.append(AttachChoice("l7_process", SOCK_CHOSEN, [SOCK_PROGRAM]))
+            if self.old_socks_refused is None:
+                self._choices.append(AttachChoice("l7_process", SOCK_CHOSEN, [SOCK_PROGRAM, OWNERS_PROGRAM, OLD_SOCKS_PROGRAM]))
+            else:
+                self._choices.append(AttachChoice(
+                    "l7_process", SOCK_CHOSEN, [SOCK_PROGRAM],
+                    tried=[f"iter/task_file: {self.old_socks_refused}; sockets older than the agent have "
+                           "an empty process"]))
         else:
             self._choices.append(AttachChoice("l7_process", None, [SOCK_PROGRAM], required=False,
                                               tried=[f"cgroup/sock_create: {self.sock_refused}; "
                                                      "series from cgroup_skb have an empty process"]))
         log.info("l7: HTTP/DNS from packets on cgroup %s (cgroup_skb %s)", root, ", ".join(progs))
 
+    def _name_old_sockets(self) -> None:
+        """The owners of every TCP socket (one pass over all tasks' files), then the sockets
+        themselves in each netns (iter/tcp shows its reader's only): each byte the second
+        writes is one socket named. The owners map is emptied after: it is needed only here."""
+        assert self.obj is not None
+        try:
+            read_iter(attach_iter(self.obj, OWNERS_PROGRAM))
+            link = attach_iter(self.obj, OLD_SOCKS_PROGRAM)
+            out, missed = in_each(NetnsDirectory().scan(), NetnsDirectory().own, lambda: read_iter(link))
+        except (BpfError, OSError) as exc:
+            self.old_socks_refused = f"not run ({getattr(exc, 'strerror', None) or exc})"
+            log.warning("l7: sockets older than the agent not named (iterators: %s)", exc)
+            return
+        finally:
+            owners = self.obj.map("old_owners")
+            for k in list(owners.keys_raw()):
+                owners.delete_raw(k)
+        self.old_socks_named = sum(len(b) for b in out)
+        log.info("l7: named %d sockets older than the agent (%d netns, %d gone before they were read)",
+                 self.old_socks_named, len(out), missed)
+
     def health(self) -> SourceHealth:
         h = super().health()
         h.kernel_counters.pop("attach_errors", None)
+        h.kernel_counters["old_sockets_named"] = self.old_socks_named
         h.map_entries.pop("pkt_ifaces", None)
         h.map_entries["pkt_netns"] = len(self._covered)
         return h

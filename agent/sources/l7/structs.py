@@ -77,6 +77,7 @@ COUNTER_NAMES = [
     "pkt_contended",
     "pkt_busy",
     "pkt_lock_stolen",
+    "old_owners_full",
 ]
 ML_L7_CNT_MAX = 40
 # Counters that are HTTP parser give-ups (exported as meshlens_http_parse_errors_total{reason}).
