@@ -28,7 +28,7 @@ import sys
 from typing import Dict, List
 
 from meshlens.agent.kernel import bpf
-from meshlens.agent.sources.l7.structs import MlHttpVal, MlPktIface
+from meshlens.agent.sources.l7.structs import L7PktRodata, MlHttpVal, MlPktIface
 from tests.integration import tc_packets as pk
 
 LO, NETNS = 1, 4242
@@ -62,6 +62,11 @@ def measure(conversations: int, requests: int, path: str = "", chain: bool = Fal
             tc_path: str = "") -> Dict[str, Dict[str, float]]:
     """Per kind: median and mean test-run duration (ns) over every frame of that kind."""
     obj = bpf.BpfObject(path or bpf.object_path("l7pkt"))
+    if chain:
+        try:
+            obj.set_rodata({"tc_chained": 1}, L7PktRodata)   # it reads the counters' handoff
+        except ValueError:
+            pass   # an older build without the knob (it parses the headers itself)
     obj.load()
     tc = None
     times: Dict[str, List[int]] = {}

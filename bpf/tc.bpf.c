@@ -36,7 +36,9 @@
  * call to the parser for its direction, so a packet pays one filter dispatch. With the array
  * empty the tail call falls through. A bare ACK (a whole TCP segment read in place, no
  * payload, no SYN/FIN/RST: about half the packets) is not handed on: the parser would only
- * parse it again to return at once.
+ * parse it again to return at once. Any other TCP segment read in place goes with what its
+ * headers said (offsets, lengths, flags) in skb->cb (bpf/include/tc_handoff.h), so the
+ * parser does not read them again.
  *
  * Both programs return TC_ACT_UNSPEC (so does the parser): the next filter (or the default
  * action) decides.
@@ -46,6 +48,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "tc.h"
+#include "tc_handoff.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -223,6 +226,10 @@ struct parsed {
 	__u8 tcp;   /* 1: a TCP header was parsed */
 	__u8 flags; /* TCP flags */
 	__u8 bare_ack; /* fast_parse: a whole TCP segment, no payload, no SYN/FIN/RST */
+	__u8 whole;    /* fast_parse: a whole TCP segment in place (the handoff, tc_handoff.h) */
+	__u8 _pad[3];
+	__u32 payload_off; /* if whole */
+	__u32 payload_len;
 };
 
 enum tc_parse_result {
@@ -454,7 +461,10 @@ static __always_inline int fast_parse(struct __sk_buff *skb, struct parsed *p)
 	p->l4_off = l4;
 	p->flags = th[13];
 	p->tcp = 1;
-	p->bare_ack = whole && l4 + doff == l3end && !(th[13] & (TCP_SYN | TCP_FIN | TCP_RST));
+	p->whole = whole;
+	p->payload_off = l4 + doff;
+	p->payload_len = l3end - (l4 + doff);
+	p->bare_ack = whole && !p->payload_len && !(th[13] & (TCP_SYN | TCP_FIN | TCP_RST));
 	return PARSE_L4;
 }
 
@@ -635,8 +645,22 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir)
 	 * only a frame fast_parse read whole qualifies, untagged and unfragmented, with the
 	 * payload length the parser itself would compute, so everything else (UDP, VLAN, IPv6
 	 * extension headers, fragments, frames the counters could not parse) still goes to it. */
-	if (!p.bare_ack)
-		bpf_tail_call(skb, &l7_progs, dir);
+	if (p.bare_ack)
+		return TC_ACT_UNSPEC;
+	/* What the headers said, so the parser does not read them again (tc_handoff.h) */
+	if (p.whole) {
+		__u32 w1 = p.l4_off | (p.payload_off << 16), w2 = p.payload_len;
+		__u32 w3 = p.family | ((__u32)p.flags << 8);
+
+		skb->cb[1] = w1;
+		skb->cb[2] = w2;
+		skb->cb[3] = w3;
+		skb->cb[4] = w1 ^ w2 ^ w3 ^ ML_HANDOFF_CHECK;
+		skb->cb[0] = ML_HANDOFF_MAGIC ^ skb->len;
+	} else {
+		skb->cb[0] = 0;
+	}
+	bpf_tail_call(skb, &l7_progs, dir);
 	return TC_ACT_UNSPEC;
 }
 

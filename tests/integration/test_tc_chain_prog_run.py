@@ -13,11 +13,13 @@ parser and is counted there as unparsed. Root: loads BPF objects.
 """
 from __future__ import annotations
 
+import struct
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
 from meshlens.agent.kernel import bpf
+from meshlens.agent.sources.l7.structs import L7PktRodata
 from meshlens.agent.sources.tc.structs import EGRESS, INGRESS
 from tests.integration import tc_packets as pk
 from tests.integration import test_l7pkt_prog_run as l7t
@@ -25,6 +27,14 @@ from tests.integration.test_tc_prog_run import Harness as TcHarness
 from tests.integration.test_tc_prog_run import _load as load_tc
 
 SLOT = {INGRESS: 0, EGRESS: 1}   # l7_progs index = the counter program's direction
+MAGIC, CHECK = 0x6D6C3768, 0x2F7C0BE1   # bpf/include/tc_handoff.h
+
+
+def handoff_ctx(frame_len: int, l4: int, payload_off: int, payload_len: int, family: int, flags: int,
+                magic: int = MAGIC) -> bytes:
+    """A struct __sk_buff prefix whose cb holds a handoff (tc_handoff.h) for BPF_PROG_TEST_RUN."""
+    w1, w2, w3 = l4 | payload_off << 16, payload_len, family | flags << 8
+    return bytes(48) + struct.pack("<5I", magic ^ frame_len, w1, w2, w3, w1 ^ w2 ^ w3 ^ CHECK)
 
 
 def _fill(tc: bpf.BpfObject, progs: Dict[int, bpf.Program]) -> None:
@@ -148,6 +158,7 @@ class Chained(l7t.Harness):
 def pair() -> Iterator[Tuple[Chained, l7t.Harness]]:
     """(the parser behind the counters, the parser alone): two loads, the same frames."""
     objs = [bpf.BpfObject(bpf.object_path("l7pkt")) for _ in range(2)]
+    objs[0].set_rodata({"tc_chained": 1}, L7PktRodata)   # as the agent loads it for the chain
     tc = load_tc()
     try:
         for o in objs:
@@ -231,3 +242,79 @@ def test_frame_the_counters_could_not_parse_reaches_the_parser(pair: Tuple[Chain
         assert {n: after[n] - before[n] for n in after if after[n] != before[n]} == {"pkt_unparsed": 1}
     tc_after = chained.tc._stats()[INGRESS]
     assert {f: tc_after[f] - tc_before[f] for f in ("packets", "parse_failures")} == {"packets": 1, "parse_failures": 1}
+
+
+def test_chained_ipv6_exchange(pair: Tuple[Chained, l7t.Harness]) -> None:
+    def f6(src: str, dst: str, sport: int, dport: int, seq: int, flags: int, payload: bytes = b"") -> bytes:
+        th = struct.pack("!HHIIBBHHH", sport, dport, seq, 1, 5 << 4, flags, 65535, 0, 0)
+        return pk.ethernet(pk.ETH_P_IPV6) + pk.ipv6_header(src, dst, pk.TCP, len(th) + len(payload)) + th + payload
+
+    pod, peer = "fd00:9::2", "fd00:9::1"
+    for h in pair:
+        h.reset()
+        h.run(h.out, f6(pod, peer, 46001, 8080, 10, l7t.SYN))
+        h.run(h.into, f6(peer, pod, 8080, 46001, 500, l7t.SYN | l7t.ACK))
+        h.run(h.out, f6(pod, peer, 46001, 8080, 11, l7t.ACK))
+        h.run(h.out, f6(pod, peer, 46001, 8080, 11, l7t.ACK | l7t.PSH, l7t.REQ))
+        h.run(h.into, f6(peer, pod, 8080, 46001, 501, l7t.ACK))
+        h.run(h.into, f6(peer, pod, 8080, 46001, 501, l7t.ACK | l7t.PSH, l7t.RESP))
+        assert h.requests() == {(2, "GET", 200, 8080): 1}
+    keys = [sorted(k for k in h.obj.map("http_stats").keys_raw()) for h in pair]
+    assert keys[0] == keys[1], "the same series: addresses, ports, family from the handoff as from the headers"
+
+
+def _request_with_ctx(h: l7t.Harness, prog: bpf.Program, port: int, ctx_of) -> None:
+    """A handshake, then the request through prog with the __sk_buff ctx_of(frame) gives, then
+    the response: the request counts only if the request's parse saw its payload."""
+    c = l7t.Conv(h, port).handshake()
+    data = c._client(l7t.ACK | l7t.PSH, l7t.REQ, c.cseq)
+    retval, out, _ = prog.test_run(data, ctx=ctx_of(data))
+    assert retval == l7t.TC_ACT_UNSPEC and out == data
+    c.cseq += len(l7t.REQ)
+    c.reply(l7t.RESP)
+
+
+def _lie(data: bytes, **kw: int) -> bytes:
+    """A well-formed handoff for this frame that says it has no payload and a RST."""
+    args = dict(l4=34, payload_off=54, payload_len=0, family=4, flags=l7t.RST)
+    args.update(kw)
+    return handoff_ctx(len(data), **args)
+
+
+def test_standalone_parser_never_reads_cb(pair: Tuple[Chained, l7t.Harness]) -> None:
+    alone = pair[1]
+    alone.reset()
+    _request_with_ctx(alone, alone.out, 33001, _lie)
+    assert alone.requests() == {(2, "GET", 200, 80): 1}
+
+
+@pytest.mark.parametrize("stale", ["other-length", "bad-check-word", "no-magic"])
+def test_chained_parser_ignores_a_handoff_not_made_for_this_skb(pair: Tuple[Chained, l7t.Harness], stale: str) -> None:
+    chained = pair[0]
+    chained.reset()
+    l7_in = chained.obj.program("meshlens_l7_in")
+
+    def ctx(data: bytes) -> bytes:
+        c = bytearray(_lie(data))
+        if stale == "other-length":
+            c[48:52] = struct.pack("<I", MAGIC ^ (len(data) + 4))
+        elif stale == "bad-check-word":
+            c[64:68] = bytes(4)
+        else:
+            c[48:52] = bytes(4)
+        return bytes(c)
+
+    _request_with_ctx(chained, l7_in, 33002, ctx)
+    assert chained.requests() == {(2, "GET", 200, 80): 1}
+
+
+def test_chained_parser_takes_the_handoff_as_the_headers(pair: Tuple[Chained, l7t.Harness]) -> None:
+    """White box: a valid handoff is what the chained parser goes by (it does not read the TCP
+    header again): told "no payload", it parses no request."""
+    chained = pair[0]
+    chained.reset()
+    l7_in = chained.obj.program("meshlens_l7_in")
+    _request_with_ctx(chained, l7_in, 33003, lambda d: _lie(d, flags=l7t.ACK | l7t.PSH))
+    assert chained.requests() == {}
+    _request_with_ctx(chained, l7_in, 33004, lambda d: _lie(d, flags=l7t.ACK | l7t.PSH, payload_len=len(l7t.REQ)))
+    assert chained.requests() == {(2, "GET", 200, 80): 1}
