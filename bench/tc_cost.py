@@ -15,7 +15,8 @@ as the agent runs them: one filter per hook, a tail call), `both-unchained` (cou
 parser as two filters per hook, as before the chain).
 
 `--baseline-objdir DIR` compares another build (a directory of *.bpf.o, e.g. main's): each
-round runs every mode once with DIR's objects and once with this tree's, alternating, and the
+round runs every mode once with DIR's objects and once with this tree's (which goes first
+alternates from round to round), and the
 summary gives per build and mode the median of the rounds' ns per request and their range.
 
     python -m bench.tc_cost [--modes tc,both,both-unchained] [--rate 5000] [--seconds 5] [--rounds 3]
@@ -187,8 +188,8 @@ def compare(modes: List[str], a: argparse.Namespace) -> List[Dict[str, Any]]:
     results: List[Dict[str, Any]] = []
     try:
         with Testbed() as tb:
-            for _ in range(a.rounds):
-                for label, objdir in builds:
+            for i in range(a.rounds):
+                for label, objdir in (builds if i % 2 == 0 else builds[::-1]):   # ABBA: no order bias
                     bpf.OBJ_DIR = objdir
                     for m in modes:
                         res = run_mode(tb, m, a.rate, a.seconds, 1)
