@@ -14,7 +14,13 @@ Modes: `tc` (counters alone), `l7` (packet parser alone), `both` (counters + par
 as the agent runs them: one filter per hook, a tail call), `both-unchained` (counters +
 parser as two filters per hook, as before the chain).
 
+`--baseline-objdir DIR` compares another build (a directory of *.bpf.o, e.g. main's): each
+round runs every mode once with DIR's objects and once with this tree's (which goes first
+alternates from round to round), and the
+summary gives per build and mode the median of the rounds' ns per request and their range.
+
     python -m bench.tc_cost [--modes tc,both,both-unchained] [--rate 5000] [--seconds 5] [--rounds 3]
+        [--baseline-objdir DIR]
 """
 from __future__ import annotations
 
@@ -135,7 +141,8 @@ def run_mode(tb: Testbed, mode: str, rate: int, seconds: int, rounds: int) -> Di
 def render(results: List[Dict[str, Any]]) -> str:
     lines = []
     for m in results:
-        lines.append(f"mode {m['mode']}{' (chained: one filter per hook)' if m['chained'] else ''}")
+        build = f" [{m['build']}]" if m.get("build") else ""
+        lines.append(f"mode {m['mode']}{build}{' (chained: one filter per hook)' if m['chained'] else ''}")
         for i, res in enumerate(m["rounds"]):
             lines.append(f"  round {i + 1}: {res['requests']} requests (access log), {res['rps']:.0f} req/s, "
                          f"machine busy {res['machine_busy_cores']:.2f} cores, "
@@ -152,16 +159,58 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline-objdir", default="", help="another build's *.bpf.o to alternate with")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
-    with Testbed() as tb:
-        results = [run_mode(tb, m, a.rate, a.seconds, a.rounds) for m in modes]
+    if a.baseline_objdir:
+        results = compare(modes, a)
+    else:
+        with Testbed() as tb:
+            results = [run_mode(tb, m, a.rate, a.seconds, a.rounds) for m in modes]
     print(render(results))
+    if a.baseline_objdir:
+        print(summary(results))
     print(json.dumps({"rate": a.rate, "seconds": a.seconds, "results": results}))
     return 0
+
+
+def compare(modes: List[str], a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Rounds alternating between the baseline objects and this tree's, one window each."""
+    from pathlib import Path
+
+    from meshlens.agent.kernel import bpf
+
+    ours = bpf.OBJ_DIR
+    builds = (("baseline", Path(a.baseline_objdir)), ("this", ours))
+    results: List[Dict[str, Any]] = []
+    try:
+        with Testbed() as tb:
+            for i in range(a.rounds):
+                for label, objdir in (builds if i % 2 == 0 else builds[::-1]):   # ABBA: no order bias
+                    bpf.OBJ_DIR = objdir
+                    for m in modes:
+                        res = run_mode(tb, m, a.rate, a.seconds, 1)
+                        res["build"] = label
+                        results.append(res)
+    finally:
+        bpf.OBJ_DIR = ours
+    return results
+
+
+def summary(results: List[Dict[str, Any]]) -> str:
+    import statistics
+
+    per: Dict[tuple, List[float]] = {}
+    for m in results:
+        for res in m["rounds"]:
+            per.setdefault((m["mode"], m.get("build", "")), []).append(res["ns_per_request"])
+    lines = ["summary: ns per request (both veths), median of rounds (range)"]
+    for (mode, build), v in sorted(per.items()):
+        lines.append(f"  {mode:<16} {build:<9} {statistics.median(v):>7.0f} ({min(v):.0f}-{max(v):.0f}), {len(v)} rounds")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

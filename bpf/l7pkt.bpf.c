@@ -62,6 +62,7 @@ struct {
 } pkt_cont_in SEC(".maps") = { .values = { [0] = (void *)&meshlens_l7_inc } };
 
 #include "l7pkt_core.h"
+#include "tc_handoff.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -79,6 +80,10 @@ struct {
 } pkt_ifaces SEC(".maps");
 
 struct ml_pkt_iface *unused_iface __attribute__((unused));
+
+/* 1 when the agent runs these programs from the tc counter programs (a tail call, one filter
+ * per hook) rather than as filters of their own: only then is skb->cb theirs to read. */
+const volatile __u32 tc_chained = 0;
 
 /* Ethernet (+2 VLAN tags), then the shared IP/L4 parse. */
 static __noinline int parse(struct __sk_buff *skb, struct pkt *p)
@@ -101,6 +106,62 @@ static __noinline int parse(struct __sk_buff *skb, struct pkt *p)
 	return parse_ip(skb, p, off, proto);
 }
 
+/* The headers as the counters found them (tc_handoff.h): 0 with p filled as parse() fills it
+ * for a TCP segment, or -1 when cb holds no handoff for this skb (then parse() decides). The
+ * addresses, ports and sequence number are read here, in place; the rest is taken as the
+ * counters computed it from the same bytes. */
+static __always_inline int from_handoff(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 w1 = skb->cb[1], w2 = skb->cb[2], w3 = skb->cb[3], l4;
+	__u16 *ports;
+
+	if (skb->cb[0] != (ML_HANDOFF_MAGIC ^ skb->len) || skb->cb[4] != (w1 ^ w2 ^ w3 ^ ML_HANDOFF_CHECK))
+		return -1;
+	l4 = w1 & 0xff;   /* at most 14 + 60: the mask is for the verifier */
+	if (data + l4 + 8 > end)
+		return -1;
+	ports = data + l4;
+	__builtin_memset(&p->key, 0, sizeof(p->key));
+	if ((w3 & 0xff) == 4) {
+		if (data + ML_HANDOFF_L3_OFF + 20 > end)
+			return -1;
+		p->key.family = AF_INET;
+		if (p->dir == DIR_OUT) {
+			__builtin_memcpy(p->key.local_addr, data + ML_HANDOFF_L3_OFF + 12, 4);
+			__builtin_memcpy(p->key.peer_addr, data + ML_HANDOFF_L3_OFF + 16, 4);
+		} else {
+			__builtin_memcpy(p->key.local_addr, data + ML_HANDOFF_L3_OFF + 16, 4);
+			__builtin_memcpy(p->key.peer_addr, data + ML_HANDOFF_L3_OFF + 12, 4);
+		}
+	} else {
+		if (data + ML_HANDOFF_L3_OFF + 40 > end)
+			return -1;
+		p->key.family = AF_INET6;
+		if (p->dir == DIR_OUT) {
+			__builtin_memcpy(p->key.local_addr, data + ML_HANDOFF_L3_OFF + 8, 16);
+			__builtin_memcpy(p->key.peer_addr, data + ML_HANDOFF_L3_OFF + 24, 16);
+		} else {
+			__builtin_memcpy(p->key.local_addr, data + ML_HANDOFF_L3_OFF + 24, 16);
+			__builtin_memcpy(p->key.peer_addr, data + ML_HANDOFF_L3_OFF + 8, 16);
+		}
+	}
+	p->proto = IPPROTO_TCP;
+	p->seq = bpf_ntohl(*(__u32 *)(ports + 2));
+	p->tcp_flags = w3 >> 8;
+	p->payload_off = w1 >> 16;
+	p->payload_len = w2;
+	if (p->dir == DIR_OUT) {
+		p->key.local_port = bpf_ntohs(ports[0]);
+		p->key.peer_port = bpf_ntohs(ports[1]);
+	} else {
+		p->key.local_port = bpf_ntohs(ports[1]);
+		p->key.peer_port = bpf_ntohs(ports[0]);
+	}
+	return 0;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex;
@@ -114,7 +175,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	p.payload_len = 0;
 	p.tcp_flags = 0;
 	p.cgroup_id = 0;   /* a packet at a veth names no process or cgroup: the pod is its netns */
-	r = parse(skb, &p);
+	r = -1;
+	if (tc_chained)
+		r = from_handoff(skb, &p);
+	if (r)
+		r = parse(skb, &p);
 	if (r > 0)
 		return TC_ACT_UNSPEC;
 	/* a pure ACK (half the packets of a request/response exchange): nothing for L7, and

@@ -34,7 +34,11 @@
  * One filter per hook: when the L7 packet parser (bpf/l7pkt.bpf.c) runs on the same veths,
  * the agent puts its two programs into `l7_progs` and each counter program ends with a tail
  * call to the parser for its direction, so a packet pays one filter dispatch. With the array
- * empty the tail call falls through.
+ * empty the tail call falls through. A bare ACK (a whole TCP segment read in place, no
+ * payload, no SYN/FIN/RST: about half the packets) is not handed on: the parser would only
+ * parse it again to return at once. Any other TCP segment read in place goes with what its
+ * headers said (offsets, lengths, flags) in skb->cb (bpf/include/tc_handoff.h), so the
+ * parser does not read them again.
  *
  * Both programs return TC_ACT_UNSPEC (so does the parser): the next filter (or the default
  * action) decides.
@@ -44,6 +48,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "tc.h"
+#include "tc_handoff.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -220,7 +225,11 @@ struct parsed {
 	__u8 family;
 	__u8 tcp;   /* 1: a TCP header was parsed */
 	__u8 flags; /* TCP flags */
-	__u8 _pad;
+	__u8 bare_ack; /* fast_parse: a whole TCP segment, no payload, no SYN/FIN/RST */
+	__u8 whole;    /* fast_parse: a whole TCP segment in place (the handoff, tc_handoff.h) */
+	__u8 _pad[3];
+	__u32 payload_off; /* if whole */
+	__u32 payload_len;
 };
 
 enum tc_parse_result {
@@ -395,7 +404,7 @@ static __always_inline int fast_parse(struct __sk_buff *skb, struct parsed *p)
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	__u32 len = skb->len, l4, l3end, doff;
-	__u8 *th, vi, nh;
+	__u8 *th, vi, nh, whole = 1;
 	__u16 tot;
 
 	if (data + ETH_HLEN + sizeof(struct ml_ip6) > end)
@@ -412,6 +421,7 @@ static __always_inline int fast_parse(struct __sk_buff *skb, struct parsed *p)
 		p->family = 4;
 		p->l3_off = ETH_HLEN;
 		p->tcp = 0;
+		whole = !(*(__u16 *)(data + ETH_HLEN + 6) & bpf_htons(0x2000)); /* MF: a first fragment */
 		if (*(__u8 *)(data + ETH_HLEN + 9) != IPPROTO_TCP)
 			return PARSE_L4;
 	} else if (*(__u16 *)(data + 12) == bpf_htons(ETH_P_IPV6)) {
@@ -451,6 +461,10 @@ static __always_inline int fast_parse(struct __sk_buff *skb, struct parsed *p)
 	p->l4_off = l4;
 	p->flags = th[13];
 	p->tcp = 1;
+	p->whole = whole;
+	p->payload_off = l4 + doff;
+	p->payload_len = l3end - (l4 + doff);
+	p->bare_ack = whole && !p->payload_len && !(th[13] & (TCP_SYN | TCP_FIN | TCP_RST));
 	return PARSE_L4;
 }
 
@@ -626,7 +640,27 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir)
 		if (p.flags & (TCP_SYN | TCP_RST))
 			track_handshake(skb, &p, dir);
 	}
-	bpf_tail_call(skb, &l7_progs, dir); /* the L7 parser, when the agent chained it */
+	/* The L7 parser, when the agent chained it. Not for a bare ACK (about half the packets
+	 * of a request/response exchange), which it would only parse again to return at once:
+	 * only a frame fast_parse read whole qualifies, untagged and unfragmented, with the
+	 * payload length the parser itself would compute, so everything else (UDP, VLAN, IPv6
+	 * extension headers, fragments, frames the counters could not parse) still goes to it. */
+	if (p.bare_ack)
+		return TC_ACT_UNSPEC;
+	/* What the headers said, so the parser does not read them again (tc_handoff.h) */
+	if (p.whole) {
+		__u32 w1 = p.l4_off | (p.payload_off << 16), w2 = p.payload_len;
+		__u32 w3 = p.family | ((__u32)p.flags << 8);
+
+		skb->cb[1] = w1;
+		skb->cb[2] = w2;
+		skb->cb[3] = w3;
+		skb->cb[4] = w1 ^ w2 ^ w3 ^ ML_HANDOFF_CHECK;
+		skb->cb[0] = ML_HANDOFF_MAGIC ^ skb->len;
+	} else {
+		skb->cb[0] = 0;
+	}
+	bpf_tail_call(skb, &l7_progs, dir);
 	return TC_ACT_UNSPEC;
 }
 

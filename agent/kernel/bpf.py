@@ -130,8 +130,9 @@ class Program:
             raise BpfError(f"run {self.name}", libbpf.get_errno() or err)
         return opts.retval
 
-    def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> Tuple[int, bytes, int]:
-        """BPF_PROG_TEST_RUN: (return value, output packet, duration ns)."""
+    def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0, ctx: bytes = b"") -> Tuple[int, bytes, int]:
+        """BPF_PROG_TEST_RUN: (return value, output packet, duration ns). ctx: the program's
+        context to start from (for sched_cls a struct __sk_buff prefix: cb, mark, ...)."""
         buf_in = ctypes.create_string_buffer(data, len(data))
         buf_out = ctypes.create_string_buffer(max(out_size, len(data) + 256))
         opts = libbpf.BpfTestRunOpts(sz=ctypes.sizeof(libbpf.BpfTestRunOpts))
@@ -140,6 +141,10 @@ class Program:
         opts.data_out = ctypes.cast(buf_out, ctypes.c_void_p)
         opts.data_size_out = len(buf_out)
         opts.repeat = repeat
+        if ctx:
+            buf_ctx = ctypes.create_string_buffer(ctx, len(ctx))
+            opts.ctx_in = ctypes.cast(buf_ctx, ctypes.c_void_p)
+            opts.ctx_size_in = len(ctx)
         err = lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
         if err:
             raise BpfError(f"test_run {self.name}", libbpf.get_errno() or err)

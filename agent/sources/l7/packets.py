@@ -78,7 +78,9 @@ class PacketHttpSource(HttpSource):
         obj.map("http_stats").max_entries = self.config.stats_max_entries
         obj.map("l7_events").max_entries = self.config.ringbuf_bytes
         obj.map("dns_pending").max_entries = self.dns.max_pending
-        obj.set_rodata({"sample_every": self.config.sample_every}, L7PktRodata)
+        # chained: run only from the tc counters, which hand over the parsed headers in skb->cb
+        obj.set_rodata({"sample_every": self.config.sample_every, "tc_chained": int(self.chain is not None)},
+                       L7PktRodata)
 
     def start(self) -> None:
         self.obj, self._choices = load_with_fallback(bpf.object_path("l7pkt"), (), self.features, self._configure)

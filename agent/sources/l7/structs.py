@@ -169,7 +169,7 @@ class L7Rodata(ctypes.Structure):
 class L7PktRodata(ctypes.Structure):
     """The `const volatile` knobs of l7pkt.bpf.c, in .rodata order."""
 
-    _fields_ = [("sample_every", ctypes.c_uint32), ("scan_max", ctypes.c_uint32)]
+    _fields_ = [("sample_every", ctypes.c_uint32), ("scan_max", ctypes.c_uint32), ("tc_chained", ctypes.c_uint32)]
 
 
 class L7CgRodata(ctypes.Structure):
