@@ -60,7 +60,7 @@ def conn_flow(ev, identity: IdentityView, node: str, t_ns: int) -> pb.Flow:
     src, dst = (theirs, mine) if inbound else (mine, theirs)
     l4 = pb.Layer4(protocol="TCP", event=ev.type, bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received,
                    duration_seconds=ev.duration_s, connect_latency_seconds=ev.connect_latency_s,
-                   rtt_seconds=ev.connect_latency_s if key.direction == "outbound" else 0.0,
+                   rtt_seconds=ev.rtt_s or (ev.connect_latency_s if key.direction == "outbound" else 0.0),
                    reason=ev.reason, pid=ev.pid)
     f = pb.Flow(node_name=node, type=pb.L4, source=src, destination=dst,
                 traffic_direction=DIRECTION.get(key.direction, pb.TRAFFIC_DIRECTION_UNKNOWN), l4=l4)
