@@ -286,6 +286,30 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	}
 }
 
+/* The client's end, for tap and overflow records (rare: helper reads are fine): the peer
+ * when this socket serves, else the socket's own address and port. */
+static __always_inline void ml_fill_client(struct scratch *sc, struct ml_http_event *e)
+{
+	struct sock *sk = (struct sock *)sc->sk;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	__builtin_memset(e->client_addr, 0, sizeof(e->client_addr));
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+	if (sc->c.role == ML_ROLE_SERVER) {
+		e->client_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (family == AF_INET)
+			BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_daddr);
+		else
+			BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_daddr);
+	} else {
+		e->client_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		if (family == AF_INET)
+			BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_rcv_saddr);
+		else
+			BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_rcv_saddr);
+	}
+}
+
 /* Parse one contiguous user buffer of `len` bytes as the next bytes of the stream. */
 /* Copy one window of user memory (1..WIN bytes) and run the byte parser over it. Global:
  * verified once, whatever state the caller's loop is in. Returns bytes consumed. */

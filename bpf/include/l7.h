@@ -80,6 +80,11 @@ struct ml_http_event {
 	__u64 duration_ns;
 	__u64 req_body;
 	__u64 resp_body;
+	/* the client's end of the connection (the key has only the server's, and the client's
+	 * address for the server role): tap and overflow records only, for the flow stream */
+	__u8 client_addr[16];
+	__u16 client_port;
+	__u8 _pad0[6];
 };
 
 struct ml_path_event {

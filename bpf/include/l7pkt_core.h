@@ -233,6 +233,19 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	}
 }
 
+/* The client's end, for tap and overflow records: the peer when the pod serves, else the pod. */
+static __always_inline void ml_fill_client(struct scratch *sc, struct ml_http_event *e)
+{
+	if (sc->c.role == ML_ROLE_SERVER) {
+		__builtin_memcpy(e->client_addr, sc->peer_addr, 16);
+		e->client_port = sc->peer_port;
+	} else {
+		__builtin_memcpy(e->client_addr, sc->local_addr, 16);
+		e->client_port = sc->local_port;
+	}
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+}
+
 /* A header at `off`: straight from the linear head when it lies there (no helper call), else
  * bpf_skb_load_bytes (paged fragments; bounds-checked against skb->len). `len` is constant. */
 #define MAX_DIRECT_OFF 128

@@ -77,11 +77,11 @@ def http_flows(rec, identity: IdentityView, node: str, t_ns: int) -> Tuple[pb.Fl
     local = identity.local(key.cgroup_id, key.netns, key.process)
     peer = identity.peer(rec.peer_address) if rec.peer_address else UNKNOWN_PEER
     if key.role == "server":
-        client, server, direction = endpoint(peer, rec.peer_address, 0), endpoint(local, key.server_address,
-                                                                                   key.server_port), "inbound"
+        client = endpoint(peer, rec.client_address or rec.peer_address, rec.client_port)
+        server, direction = endpoint(local, key.server_address, key.server_port), "inbound"
     else:
-        client, server, direction = endpoint(local, "", 0), endpoint(peer, key.server_address,
-                                                                      key.server_port), "outbound"
+        client = endpoint(local, rec.client_address, rec.client_port)
+        server, direction = endpoint(peer, key.server_address, key.server_port), "outbound"
     route = key.route or "[DEFAULT]"
     req_b = -1 if rec.request_body is None else rec.request_body
     resp_b = -1 if rec.response_body is None else rec.response_body

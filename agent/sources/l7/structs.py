@@ -126,6 +126,9 @@ class MlHttpEvent(ctypes.Structure):
         ("duration_ns", ctypes.c_uint64),
         ("req_body", ctypes.c_uint64),
         ("resp_body", ctypes.c_uint64),
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("_pad0", ctypes.c_uint8 * 6),
     ]
 
 
