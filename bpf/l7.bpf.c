@@ -574,6 +574,13 @@ static __always_inline void dns_one(struct l7_args *a, __u64 msghdr, __u64 ptr, 
 	e->tgid = bpf_get_current_pid_tgid() >> 32;
 	e->dir = a->is_write ? ML_DNS_QUERY : ML_DNS_RESPONSE;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+	__builtin_memset(e->_pad1, 0, sizeof(e->_pad1));
+	__builtin_memset(e->client_addr, 0, sizeof(e->client_addr));
+	e->client_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (e->family == AF_INET)
+		BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_rcv_saddr);
+	else
+		BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_rcv_saddr);
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_DNS_EVENTS);

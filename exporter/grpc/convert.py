@@ -1,8 +1,8 @@
 """Kernel facts to Observer messages, and the request filters applied to them.
 
-Place in the data flow: connection events (agent/sources/tcp/facts.ConnEvent, follow mode)
-and sampled HTTP exchanges (agent/sources/l7/http.TapRecord, the tap) are named through the
-identity view and turned into `Flow` messages here (exporter/grpc/observer.py calls it);
+Place in the data flow: connection events (agent/sources/tcp/facts.ConnEvent, follow mode),
+sampled HTTP exchanges (agent/sources/l7/http.TapRecord, the tap) and DNS lookups
+(agent/sources/l7/dns.DnsLookup, while followed) are named through the identity view and turned into `Flow` messages here (exporter/grpc/observer.py calls it);
 the GetFlows whitelist/blacklist are compiled here into exporter/api/filters.FlowFilter, the
 REST flows endpoint's own filter, so a filter means the same on both surfaces. The relay
 (exporter/grpc/relay.py) applies the same compiled filters to the merged stream.
@@ -98,6 +98,27 @@ def http_flows(rec, identity: IdentityView, node: str, t_ns: int) -> Tuple[pb.Fl
                    summary=f"HTTP {key.status} {key.method} {route} {rec.duration_s * 1000:.3f}ms")
     resp.time.FromNanoseconds(t_ns + int(rec.duration_s * 1e9))
     return req, resp
+
+
+def dns_flow(lk, identity: IdentityView, node: str, t_ns: int) -> pb.Flow:
+    """One DnsLookup (agent/sources/l7/dns.py) as Hubble shows it: an answer (server to the
+    client, is_reply) at its arrival, or an unanswered query (client to server, timed_out)."""
+    local = identity.local(lk.cgroup_id, lk.netns, lk.process)
+    peer = identity.peer(lk.server_address) if lk.server_address else UNKNOWN_PEER
+    client = endpoint(local, lk.client_address, lk.client_port)
+    server = endpoint(peer, lk.server_address, lk.server_port)
+    dns = pb.DNS(query=lk.query, qtype=lk.qtype, rcode=lk.rcode, latency_seconds=lk.latency_s,
+                 answer_count=lk.answers, timed_out=not lk.answered, id=lk.txid)
+    if lk.answered:
+        f = pb.Flow(node_name=node, type=pb.L7, source=server, destination=client, traffic_direction=pb.EGRESS,
+                    is_reply=True, l7=pb.Layer7(dns=dns),
+                    summary=f"DNS Answer {lk.query} {lk.qtype} {lk.rcode} answers={lk.answers} "
+                            f"{lk.latency_s * 1000:.3f}ms")
+    else:
+        f = pb.Flow(node_name=node, type=pb.L7, source=client, destination=server, traffic_direction=pb.EGRESS,
+                    l7=pb.Layer7(dns=dns), summary=f"DNS Query {lk.query} {lk.qtype} unanswered (timeout)")
+    f.time.FromNanoseconds(t_ns)
+    return f
 
 
 # ---- filters ---------------------------------------------------------------------------------
