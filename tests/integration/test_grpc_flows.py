@@ -96,6 +96,7 @@ s.close()
 
 @dataclass
 class Env:
+    l7_source: str
     sim: SimNode
     dns: Pod
     quiet: Pod
@@ -104,8 +105,9 @@ class Env:
     quiet_pod: str
 
 
-@pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["auto", "syscalls"])
+def env(request) -> Iterator[Env]:
+    """The agent's default L7 path (packets at the pod veths) and the syscall path."""
     sim = SimNode(NODE)
     dnsmasq = None
     try:
@@ -119,9 +121,9 @@ def env() -> Iterator[Env]:
                 kubeconfig(kc, api.url)
                 sim.nginx = Nginx(sim.web)
                 dnsmasq = Dnsmasq(dns, RECORDS, log_extra=True)
-                sim.start_agent(kc)
+                sim.start_agent(kc, "--l7-source", request.param)
                 assert wait_until(sim.synced, timeout=30), "identity watch not synced"
-                yield Env(sim, dns, quiet, dnsmasq, f"{dns.name}-0", f"{quiet.name}-0")
+                yield Env(request.param, sim, dns, quiet, dnsmasq, f"{dns.name}-0", f"{quiet.name}-0")
     finally:
         if dnsmasq is not None:
             dnsmasq.stop()
