@@ -318,7 +318,10 @@ class DnsSource(Source):
         return SourceHealth(
             events_read={"dns": snap.queries},
             events_lost={"unanswered": snap.unanswered, "malformed": snap.malformed,
-                         "unmatched_response": snap.unmatched_responses, "series_overflow": t.series_overflow},
+                         "unmatched_response": snap.unmatched_responses, "series_overflow": t.series_overflow,
+                         # flow stream: queries whose ASKED record was pushed out (an unanswered one
+                         # then goes unnamed), follower callbacks that raised
+                         "stream_asked_evicted": t.asked_evicted, "stream_follow_errors": t.follow_errors},
             map_entries={},
             map_capacity={},
             kernel_counters={"dns_events": k.get("dns_events", 0), "dns_truncated": k.get("dns_truncated", 0)},
