@@ -84,7 +84,11 @@ def test_asked_records_are_bounded_and_forgotten_without_followers() -> None:
     assert len(t._asked) == 0
     t.on_event(dns_event(DNS_ASKED, dns_msg(9, "x.test", 1), 0))
     unsubscribe()
-    assert len(t._asked) == 0 and not t.followed
+    assert not t.followed
+    t.on_event(dns_event(DNS_ASKED, dns_msg(10, "y.test", 1), 0))   # no longer kept
+    assert len(t._asked) == 1
+    t.sweep(0)                                   # the reader's thread forgets the rest
+    assert len(t._asked) == 0
 
 
 def test_a_failing_follower_is_counted_not_raised() -> None:

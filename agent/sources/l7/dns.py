@@ -152,9 +152,8 @@ class DnsTracker:
         self._followers = self._followers + [fn]
 
         def unsubscribe() -> None:
+            # the ASKED records are dropped by the reader's thread (its next sweep), not here
             self._followers = [f for f in self._followers if f is not fn]
-            if not self._followers:
-                self._asked.clear()
         return unsubscribe
 
     @property
@@ -270,6 +269,8 @@ class DnsTracker:
             self._pending.popitem(last=False)
             self.unanswered += 1
             self._unanswered(p, now_ns)
+        if not self._followers:
+            self._asked.clear()      # nobody follows any more
         # ASKED records whose kernel entry went without a word (its answer record lost to a
         # full ring buffer, which is counted there): forgotten after twice the timeout
         while self._asked:
