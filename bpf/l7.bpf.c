@@ -286,6 +286,30 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	}
 }
 
+/* The client's end, for tap and overflow records (rare: helper reads are fine): the peer
+ * when this socket serves, else the socket's own address and port. */
+static __always_inline void ml_fill_client(struct scratch *sc, struct ml_http_event *e)
+{
+	struct sock *sk = (struct sock *)sc->sk;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	__builtin_memset(e->client_addr, 0, sizeof(e->client_addr));
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+	if (sc->c.role == ML_ROLE_SERVER) {
+		e->client_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (family == AF_INET)
+			BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_daddr);
+		else
+			BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_daddr);
+	} else {
+		e->client_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+		if (family == AF_INET)
+			BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_rcv_saddr);
+		else
+			BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_rcv_saddr);
+	}
+}
+
 /* Parse one contiguous user buffer of `len` bytes as the next bytes of the stream. */
 /* Copy one window of user memory (1..WIN bytes) and run the byte parser over it. Global:
  * verified once, whatever state the caller's loop is in. Returns bytes consumed. */
@@ -550,6 +574,13 @@ static __always_inline void dns_one(struct l7_args *a, __u64 msghdr, __u64 ptr, 
 	e->tgid = bpf_get_current_pid_tgid() >> 32;
 	e->dir = a->is_write ? ML_DNS_QUERY : ML_DNS_RESPONSE;
 	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+	__builtin_memset(e->_pad1, 0, sizeof(e->_pad1));
+	__builtin_memset(e->client_addr, 0, sizeof(e->client_addr));
+	e->client_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (e->family == AF_INET)
+		BPF_CORE_READ_INTO((__u32 *)e->client_addr, sk, __sk_common.skc_rcv_saddr);
+	else
+		BPF_CORE_READ_INTO(&e->client_addr, sk, __sk_common.skc_v6_rcv_saddr);
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_DNS_EVENTS);

@@ -471,6 +471,15 @@ static __always_inline void on_connect(struct sock *sk, __u64 key, const struct 
 		count(ML_CNT_CONNS_FULL);
 }
 
+/* The socket's smoothed RTT at ESTABLISHED, in µs: the handshake's own sample (the client's
+ * SYN -> SYN-ACK, the server's SYN-ACK -> ACK, both taken before the state change). For the
+ * follow record only: it is not credited to the rollup (no ML_D_RTT), whose RTT is the
+ * connection's srtt at close. */
+static __always_inline __u32 handshake_rtt_us(struct sock *sk)
+{
+	return BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+}
+
 static __always_inline void on_established(struct sock *sk, __u64 key, int os, const struct ml_tuple *t,
 					   __u64 now)
 {
@@ -489,8 +498,10 @@ static __always_inline void on_established(struct sock *sk, __u64 key, int os, c
 		d.flags |= ML_D_CONNECT;
 		d.connect_ns = now - c->start_ns;
 		apply(&c->key, &d);
-		if (following())
+		if (following()) {
+			d.rtt_us = handshake_rtt_us(sk);
 			follow_event(ML_EV_OPEN, key, c, &d, 0, now);
+		}
 		return;
 	}
 	fresh.tuple = *t;
@@ -510,8 +521,10 @@ static __always_inline void on_established(struct sock *sk, __u64 key, int os, c
 	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
 		count(ML_CNT_CONNS_FULL);
 	apply(&fresh.key, &d);
-	if (following())
+	if (following()) {
+		d.rtt_us = handshake_rtt_us(sk);
 		follow_event(ML_EV_OPEN, key, &fresh, &d, 0, now);
+	}
 }
 
 static __always_inline void on_close(struct sock *sk, __u64 key, int os, __u64 now)

@@ -251,8 +251,12 @@ static __always_inline __u32 size_bucket(__u64 b)
 
 /* Who is at either end of the connection: defined by the including object. */
 static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *k);
+/* The client's address and port (and the record's padding), for records that leave the
+ * kernel: defined by the including object. */
+static __always_inline void ml_fill_client(struct scratch *sc, struct ml_http_event *e);
 
-static __always_inline void emit_request(struct ml_http_key *k, __u32 flags, __u64 dur, __u64 req, __u64 resp)
+static __always_inline void emit_request(struct scratch *sc, struct ml_http_key *k, __u32 flags, __u64 dur,
+					 __u64 req, __u64 resp)
 {
 	struct ml_http_event *e = bpf_ringbuf_reserve(&l7_events, sizeof(*e), 0);
 
@@ -267,6 +271,7 @@ static __always_inline void emit_request(struct ml_http_key *k, __u32 flags, __u
 	e->duration_ns = dur;
 	e->req_body = req;
 	e->resp_body = resp;
+	ml_fill_client(sc, e);
 	bpf_ringbuf_submit(e, 0);
 	count(ML_L7_EVENTS_SUBMITTED);
 }
@@ -324,7 +329,7 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 	if (!v) {
 		/* No room: the request travels as a record (tap-sampled or not) and is counted. */
 		count(ML_L7_STATS_FULL);
-		emit_request(&k, flags | ML_HTTP_F_OVERFLOW, dur, req, rsp);
+		emit_request(sc, &k, flags | ML_HTTP_F_OVERFLOW, dur, req, rsp);
 		return;
 	}
 	__sync_fetch_and_add(&v->count, 1);
@@ -347,7 +352,7 @@ static __always_inline void record(struct scratch *sc, struct pending *p, struct
 			__sync_fetch_and_add(&v->resp_body_buckets[b], 1);
 	}
 	if (flags & ML_HTTP_F_SAMPLE)
-		emit_request(&k, flags, dur, req, rsp);
+		emit_request(sc, &k, flags, dur, req, rsp);
 }
 
 static __always_inline void send_path(struct scratch *sc, __u32 path_id, __u32 len)

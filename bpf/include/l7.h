@@ -80,6 +80,11 @@ struct ml_http_event {
 	__u64 duration_ns;
 	__u64 req_body;
 	__u64 resp_body;
+	/* the client's end of the connection (the key has only the server's, and the client's
+	 * address for the server role): tap and overflow records only, for the flow stream */
+	__u8 client_addr[16];
+	__u16 client_port;
+	__u8 _pad0[6];
 };
 
 struct ml_path_event {
@@ -94,6 +99,8 @@ enum ml_dns_dir {
 	ML_DNS_QUERY = 1,    /* sent by the local process */
 	ML_DNS_RESPONSE = 2, /* received by the local process */
 	ML_DNS_ANSWERED = 3, /* packet path: a response the kernel paired with its query (duration_ns) */
+	ML_DNS_ASKED = 4,    /* packet path, only while the tap is on (a flow-stream client follows):
+	                      * a query now waiting in dns_pending, so an unanswered one has a name */
 };
 
 struct ml_dns_event {
@@ -111,6 +118,10 @@ struct ml_dns_event {
 	__u8 dir;            /* enum ml_dns_dir */
 	__u8 _pad0[3];
 	char comm[ML_L7_COMM_LEN];
+	__u8 client_addr[16]; /* the querying socket's end (packet path: the pod's; syscalls: its
+	                       * bound address, 0.0.0.0 when unbound) */
+	__u16 client_port;
+	__u8 _pad1[6];
 	__u8 payload[ML_DNS_MAX];
 };
 

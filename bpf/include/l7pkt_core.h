@@ -233,6 +233,19 @@ static __always_inline void ml_fill_key(struct scratch *sc, struct ml_http_key *
 	}
 }
 
+/* The client's end, for tap and overflow records: the peer when the pod serves, else the pod. */
+static __always_inline void ml_fill_client(struct scratch *sc, struct ml_http_event *e)
+{
+	if (sc->c.role == ML_ROLE_SERVER) {
+		__builtin_memcpy(e->client_addr, sc->peer_addr, 16);
+		e->client_port = sc->peer_port;
+	} else {
+		__builtin_memcpy(e->client_addr, sc->local_addr, 16);
+		e->client_port = sc->local_port;
+	}
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+}
+
 /* A header at `off`: straight from the linear head when it lies there (no helper call), else
  * bpf_skb_load_bytes (paged fragments; bounds-checked against skb->len). `len` is constant. */
 #define MAX_DIRECT_OFF 128
@@ -902,6 +915,52 @@ struct {
 	__type(value, struct ml_dns_pending);
 } dns_pending SEC(".maps");
 
+/* Whether a flow-stream client follows (the tap switch, tap_ctl, is on): then queries go to
+ * user space too (ML_DNS_ASKED), so one that is never answered can be named. */
+static __always_inline int dns_tap_on(void)
+{
+	__u32 idx = 0;
+	__u32 *tap = bpf_map_lookup_elem(&tap_ctl, &idx);
+
+	return tap && *tap;
+}
+
+/* One DNS record to user space: the message's first `m` bytes ([1, ML_DNS_MAX]) at `off`. */
+static __always_inline void dns_record(struct __sk_buff *skb, struct pkt *p, __u32 netns, __u32 off, __u32 m,
+				       __u8 dir, __u64 now, __u64 dur)
+{
+	struct ml_dns_event *e = bpf_ringbuf_reserve(&l7_events, sizeof(*e), 0);
+
+	if (!e) {
+		count(ML_L7_RINGBUF_FULL);
+		return;
+	}
+	if (bpf_skb_load_bytes(skb, off, e->payload, m)) {
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+		return;
+	}
+	e->type = ML_EV_DNS;
+	e->len = m;
+	e->ts_ns = now;
+	e->sk = key_hash(&p->key);
+	e->duration_ns = dur;
+	e->cgroup_id = p->cgroup_id;
+	e->netns = netns;
+	e->tgid = 0;
+	__builtin_memcpy(e->server_addr, p->key.peer_addr, 16);
+	e->server_port = 53;
+	e->family = p->key.family;
+	e->dir = dir;
+	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
+	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
+	__builtin_memcpy(e->client_addr, p->key.local_addr, 16);
+	e->client_port = p->key.local_port;
+	__builtin_memset(e->_pad1, 0, sizeof(e->_pad1));
+	bpf_ringbuf_submit(e, 0);
+	count(ML_L7_DNS_EVENTS);
+	count(ML_L7_EVENTS_SUBMITTED);
+}
+
 /* One DNS message at payload offset `off`, `n` bytes (UDP datagram, or a TCP segment's message
  * after its 2-byte length). A query the pod sends waits in `dns_pending` under (tuple, id);
  * the answer delivered to the pod is paired with it here, if it repeats the question, and
@@ -910,7 +969,6 @@ static __noinline void dns_message(struct __sk_buff *skb, struct pkt *p, __u32 n
 {
 	struct ml_dns_pending_key k = {};
 	struct ml_dns_pending v = {}, *waiting;
-	struct ml_dns_event *e;
 	struct scratch *sc;
 	__u32 qlen = 0, qhash = 0, m;
 	__u64 now, dur;
@@ -953,8 +1011,12 @@ static __noinline void dns_message(struct __sk_buff *skb, struct pkt *p, __u32 n
 		v.qhash = qhash;
 		v.qlen = qlen;
 		count(ML_L7_DNS_QUERIES);
-		if (bpf_map_update_elem(&dns_pending, &k, &v, BPF_ANY))
+		if (bpf_map_update_elem(&dns_pending, &k, &v, BPF_ANY)) {
 			count(ML_L7_DNS_PENDING_FULL);
+			return;
+		}
+		if (dns_tap_on())
+			dns_record(skb, p, netns, off, m, ML_DNS_ASKED, now, 0);
 		return;
 	}
 	waiting = bpf_map_lookup_elem(&dns_pending, &k);
@@ -964,32 +1026,7 @@ static __noinline void dns_message(struct __sk_buff *skb, struct pkt *p, __u32 n
 	}
 	dur = now > waiting->ts_ns ? now - waiting->ts_ns : 0;
 	bpf_map_delete_elem(&dns_pending, &k);
-	e = bpf_ringbuf_reserve(&l7_events, sizeof(*e), 0);
-	if (!e) {
-		count(ML_L7_RINGBUF_FULL);
-		return;
-	}
-	if (bpf_skb_load_bytes(skb, off, e->payload, m)) {
-		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-		return;
-	}
-	e->type = ML_EV_DNS;
-	e->len = m;
-	e->ts_ns = now;
-	e->sk = key_hash(&p->key);
-	e->duration_ns = dur;
-	e->cgroup_id = p->cgroup_id;
-	e->netns = netns;
-	e->tgid = 0;
-	__builtin_memcpy(e->server_addr, p->key.peer_addr, 16);
-	e->server_port = 53;
-	e->family = p->key.family;
-	e->dir = ML_DNS_ANSWERED;
-	__builtin_memset(e->_pad0, 0, sizeof(e->_pad0));
-	__builtin_memcpy(e->comm, p->comm, sizeof(e->comm));
-	bpf_ringbuf_submit(e, 0);
-	count(ML_L7_DNS_EVENTS);
-	count(ML_L7_EVENTS_SUBMITTED);
+	dns_record(skb, p, netns, off, m, ML_DNS_ANSWERED, now, dur);
 }
 
 /* DNS over TCP, where a message starts the segment: its 2-byte length, then the message

@@ -103,7 +103,8 @@ struct ml_delta {
 	__u64 bytes_received;
 	__u64 connect_ns;
 	__u64 duration_ns;
-	__u32 rtt_us;
+	__u32 rtt_us;        /* ML_D_RTT: srtt at close; in a follow-mode OPEN record (flag clear):
+	                      * the handshake's srtt at ESTABLISHED, for the stream only */
 	__u32 segs_retrans;
 	__u32 rsts_sent;
 	__u32 rsts_received;

@@ -1,8 +1,8 @@
 """Kernel facts to Observer messages, and the request filters applied to them.
 
-Place in the data flow: connection events (agent/sources/tcp/facts.ConnEvent, follow mode)
-and sampled HTTP exchanges (agent/sources/l7/http.TapRecord, the tap) are named through the
-identity view and turned into `Flow` messages here (exporter/grpc/observer.py calls it);
+Place in the data flow: connection events (agent/sources/tcp/facts.ConnEvent, follow mode),
+sampled HTTP exchanges (agent/sources/l7/http.TapRecord, the tap) and DNS lookups
+(agent/sources/l7/dns.DnsLookup, while followed) are named through the identity view and turned into `Flow` messages here (exporter/grpc/observer.py calls it);
 the GetFlows whitelist/blacklist are compiled here into exporter/api/filters.FlowFilter, the
 REST flows endpoint's own filter, so a filter means the same on both surfaces. The relay
 (exporter/grpc/relay.py) applies the same compiled filters to the merged stream.
@@ -60,7 +60,7 @@ def conn_flow(ev, identity: IdentityView, node: str, t_ns: int) -> pb.Flow:
     src, dst = (theirs, mine) if inbound else (mine, theirs)
     l4 = pb.Layer4(protocol="TCP", event=ev.type, bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received,
                    duration_seconds=ev.duration_s, connect_latency_seconds=ev.connect_latency_s,
-                   rtt_seconds=ev.connect_latency_s if key.direction == "outbound" else 0.0,
+                   rtt_seconds=ev.rtt_s or (ev.connect_latency_s if key.direction == "outbound" else 0.0),
                    reason=ev.reason, pid=ev.pid)
     f = pb.Flow(node_name=node, type=pb.L4, source=src, destination=dst,
                 traffic_direction=DIRECTION.get(key.direction, pb.TRAFFIC_DIRECTION_UNKNOWN), l4=l4)
@@ -77,11 +77,11 @@ def http_flows(rec, identity: IdentityView, node: str, t_ns: int) -> Tuple[pb.Fl
     local = identity.local(key.cgroup_id, key.netns, key.process)
     peer = identity.peer(rec.peer_address) if rec.peer_address else UNKNOWN_PEER
     if key.role == "server":
-        client, server, direction = endpoint(peer, rec.peer_address, 0), endpoint(local, key.server_address,
-                                                                                   key.server_port), "inbound"
+        client = endpoint(peer, rec.client_address or rec.peer_address, rec.client_port)
+        server, direction = endpoint(local, key.server_address, key.server_port), "inbound"
     else:
-        client, server, direction = endpoint(local, "", 0), endpoint(peer, key.server_address,
-                                                                      key.server_port), "outbound"
+        client = endpoint(local, rec.client_address, rec.client_port)
+        server, direction = endpoint(peer, key.server_address, key.server_port), "outbound"
     route = key.route or "[DEFAULT]"
     req_b = -1 if rec.request_body is None else rec.request_body
     resp_b = -1 if rec.response_body is None else rec.response_body
@@ -98,6 +98,27 @@ def http_flows(rec, identity: IdentityView, node: str, t_ns: int) -> Tuple[pb.Fl
                    summary=f"HTTP {key.status} {key.method} {route} {rec.duration_s * 1000:.3f}ms")
     resp.time.FromNanoseconds(t_ns + int(rec.duration_s * 1e9))
     return req, resp
+
+
+def dns_flow(lk, identity: IdentityView, node: str, t_ns: int) -> pb.Flow:
+    """One DnsLookup (agent/sources/l7/dns.py) as Hubble shows it: an answer (server to the
+    client, is_reply) at its arrival, or an unanswered query (client to server, timed_out)."""
+    local = identity.local(lk.cgroup_id, lk.netns, lk.process)
+    peer = identity.peer(lk.server_address) if lk.server_address else UNKNOWN_PEER
+    client = endpoint(local, lk.client_address, lk.client_port)
+    server = endpoint(peer, lk.server_address, lk.server_port)
+    dns = pb.DNS(query=lk.query, qtype=lk.qtype, rcode=lk.rcode, latency_seconds=lk.latency_s,
+                 answer_count=lk.answers, timed_out=not lk.answered, id=lk.txid)
+    if lk.answered:
+        f = pb.Flow(node_name=node, type=pb.L7, source=server, destination=client, traffic_direction=pb.EGRESS,
+                    is_reply=True, l7=pb.Layer7(dns=dns),
+                    summary=f"DNS Answer {lk.query} {lk.qtype} {lk.rcode} answers={lk.answers} "
+                            f"{lk.latency_s * 1000:.3f}ms")
+    else:
+        f = pb.Flow(node_name=node, type=pb.L7, source=client, destination=server, traffic_direction=pb.EGRESS,
+                    l7=pb.Layer7(dns=dns), summary=f"DNS Query {lk.query} {lk.qtype} unanswered (timeout)")
+    f.time.FromNanoseconds(t_ns)
+    return f
 
 
 # ---- filters ---------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 feed that fills the hub while at least one client follows.
 
 Place in the data flow: kernel switch on (first follower) -> TcpSource.subscribe() hands
-ConnEvents from the runner's thread, the HTTP tap (Agent.tap_open -> `tap_ctl`) puts
-sampled exchanges in the HTTP snapshot -> AgentFeed names them (exporter/grpc/convert.py)
+ConnEvents from the runner's thread, DnsTracker.subscribe() hands DNS lookups (answered, or
+given up) from the same thread, the HTTP tap (Agent.tap_open -> `tap_ctl`, which also sends
+the packet path's DNS queries) puts sampled exchanges in the HTTP snapshot -> AgentFeed names them (exporter/grpc/convert.py)
 and publishes them to the FlowHub -> ObserverServicer streams them to each client through
 its bounded queue. The last follower leaving switches both off again. The relay
 (exporter/grpc/relay.py) serves the same ObserverServicer over its own merged hub.
@@ -25,7 +26,8 @@ from typing import AsyncIterator, Callable, Deque, List, Optional, Set
 import grpc
 
 from meshlens.exporter.api.filters import ParamError
-from meshlens.exporter.grpc.convert import conn_flow, count_flows, http_flows, lost, response, selector, time_ns, wall_ns
+from meshlens.exporter.grpc.convert import (conn_flow, count_flows, dns_flow, http_flows, lost, response, selector,
+                                            time_ns, wall_ns)
 from meshlens.exporter.grpc.hub import FlowHub
 from meshlens.exporter.grpc.tls import SERVER_OPTIONS, ServerTls
 from meshlens.exporter.proto import observer_pb2 as pb
@@ -204,6 +206,7 @@ class AgentFeed:
         self.hub = FlowHub(node, ring_size, queue_size, on_first=self._switch_on, on_last=self._switch_off)
         self._lock = threading.Lock()
         self._unsubscribe: Optional[Callable[[], None]] = None
+        self._unsubscribe_dns: Optional[Callable[[], None]] = None
         self._stop: Optional[threading.Event] = None
         self._thread: Optional[threading.Thread] = None
         self.conversion_errors = 0
@@ -212,6 +215,12 @@ class AgentFeed:
     @property
     def tcp(self):
         return next((s for s in getattr(self.agent, "sources", ()) if hasattr(s, "subscribe")), None)
+
+    @property
+    def dns(self):
+        """The DnsTracker behind the "dns" area, if the agent parses L7."""
+        return next((s.tracker for s in getattr(self.agent, "sources", ())
+                     if getattr(s, "name", "") == "dns" and hasattr(s, "tracker")), None)
 
     @property
     def following(self) -> bool:
@@ -227,12 +236,15 @@ class AgentFeed:
                 self._unsubscribe = self.tcp.subscribe(self._on_conn)
             else:
                 log.warning("the TCP source has no follow mode: the stream carries L7 flows only")
+            dns = self.dns
+            if dns is not None:     # before the tap: the packet path's queries come with it
+                self._unsubscribe_dns = dns.subscribe(self._on_dns)
             self.agent.tap_open()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, args=(self._stop, since_ns), name="grpc-feed",
                                             daemon=True)
             self._thread.start()
-            log.info("flow stream: follow mode on (connection events, HTTP tap)")
+            log.info("flow stream: follow mode on (connection events, HTTP tap, DNS)")
 
     def _switch_off(self) -> None:
         with self._lock:
@@ -243,6 +255,9 @@ class AgentFeed:
                 self._unsubscribe()
                 self._unsubscribe = None
             self.agent.tap_close()
+            if self._unsubscribe_dns is not None:
+                self._unsubscribe_dns()
+                self._unsubscribe_dns = None
             thread, self._thread, self._stop = self._thread, None, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(2)
@@ -269,6 +284,17 @@ class AgentFeed:
         except Exception:  # noqa: BLE001 - one bad event must not stop the runner
             self.conversion_errors += 1
             log.debug("connection event not converted", exc_info=True)
+
+    def _on_dns(self, lk) -> None:
+        """Runner thread: one DnsLookup (answered, or given up unanswered)."""
+        try:
+            if self.pods_only and not self._local_is_pod(lk.cgroup_id, lk.netns, lk.process):
+                self.left_out += 1
+                return
+            self.hub.publish(response(dns_flow(lk, self.agent.identity, self.node, wall_ns(lk.ts_ns))))
+        except Exception:  # noqa: BLE001 - one bad record must not stop the runner
+            self.conversion_errors += 1
+            log.debug("dns lookup not converted", exc_info=True)
 
     def _kernel_lost(self) -> int:
         n = 0

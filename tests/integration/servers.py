@@ -386,9 +386,13 @@ class Dnsmasq(_Server):
 
     def __init__(
         self, pod: Pod, records: Mapping[str, Sequence[str]], *, port: int = 53, timeout: float = 10.0,
+        log_extra: bool = False,
     ) -> None:
+        """log_extra: `--log-queries=extra`, every line prefixed with the query's serial number
+        and the client's address/port (e.g. `4 10.0.0.2/47653 config b.test is fd00::1`)."""
         super().__init__("dnsmasq")
         self.pod = pod
+        self.log_extra = log_extra
         self.port = port
         self.records = {name: list(addrs) for name, addrs in records.items()}
         self.log_path = self._path("dnsmasq.log")
@@ -401,7 +405,8 @@ class Dnsmasq(_Server):
             "--no-poll", "--user=root", "--group=root", f"--pid-file={self._path('dnsmasq.pid')}",
             f"--port={self.port}", "--bind-interfaces",
             f"--listen-address={self.pod.ipv4},127.0.0.1,{self.pod.ipv6},::1",
-            "--log-queries", f"--log-facility={self.log_path}", "--local=/#/",
+            "--log-queries=extra" if self.log_extra else "--log-queries", f"--log-facility={self.log_path}",
+            "--local=/#/",
         ]
         for name, addrs in self.records.items():
             argv += [f"--host-record={name},{addr}" for addr in addrs]
@@ -417,6 +422,10 @@ class Dnsmasq(_Server):
     def query_log(self) -> list[str]:
         """The 'query[...]' lines dnsmasq logged."""
         return [line for line in _read_text(self.log_path).splitlines() if "query[" in line]
+
+    def log_lines(self) -> list[str]:
+        """Every line dnsmasq logged (queries and what it answered)."""
+        return _read_text(self.log_path).splitlines()
 
 
 QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28, "SRV": 33}

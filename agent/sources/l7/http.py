@@ -136,6 +136,8 @@ class TapRecord:
     request_body: Optional[int]
     response_body: Optional[int]
     peer_address: str = ""    # the other end: the client for server-role records, else the server
+    client_address: str = ""  # the client's end of the connection (either role), from the packet
+    client_port: int = 0      # or socket that carried the request; 0 where the kernel gave none
 
 
 @dataclass(frozen=True)
@@ -271,10 +273,11 @@ class HttpSource(ObjectSource):
         if ev.flags & F_SAMPLE:
             key = self._series_key(ev.key)
             peer = format_addr(ev.key.family, ev.key.client_addr) if key.role == "server" else key.server_address
+            client = format_addr(ev.key.family, ev.client_addr) if ev.client_port else ""
             self._tap_new += 1
             if len(self._tap) == self._tap.maxlen:
                 self._tap_dropped += 1
-            self._tap.append(TapRecord(ev.ts_ns, key, ev.duration_ns / 1e9, req, resp, peer))
+            self._tap.append(TapRecord(ev.ts_ns, key, ev.duration_ns / 1e9, req, resp, peer, client, ev.client_port))
 
     # ---- tap switch ----------------------------------------------------------------------
     def set_tap_sampling(self, every: int) -> None:

@@ -22,6 +22,7 @@ is counted in `attach_errors` and left to the other path.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -32,7 +33,8 @@ from meshlens.agent.kernel.attach import load_with_fallback
 from meshlens.agent.kernel.features import KernelFeatures
 from meshlens.agent.sources.base import AttachChoice, Source, SourceHealth
 from meshlens.agent.sources.l7.http import HttpConfig, HttpSource
-from meshlens.agent.sources.l7.structs import L7PktRodata, MlDnsPending, MlPktIface
+from meshlens.agent.sources.l7.dns import conn_key_hash
+from meshlens.agent.sources.l7.structs import L7PktRodata, MlDnsPending, MlPktConnKey, MlPktIface
 from meshlens.agent.sources.tc.attach import FILTER_PRIO, TcAttacher
 from meshlens.agent.sources.tc.chain import TcChain
 from meshlens.agent.sources.tc.link_watch import KIND_POD_VETH, LinkInfo, LinkWatcher, NetnsResolver
@@ -199,6 +201,10 @@ class PacketHttpSource(HttpSource):
         for kraw, vraw in m.items_raw():
             if now_ns - MlDnsPending.from_buffer_copy(vraw).ts_ns >= self.dns.timeout_ns and m.delete_raw(kraw):
                 self.dns.unanswered += 1
+                if self.dns.followed:   # name it for the flow stream (struct ml_dns_pending_key)
+                    conn = ctypes.sizeof(MlPktConnKey)
+                    self.dns.kernel_expired(conn_key_hash(kraw[:conn]), int.from_bytes(kraw[conn:conn + 2], "little"),
+                                            now_ns)
 
     def health(self) -> SourceHealth:
         h = super().health()

@@ -36,7 +36,8 @@ EV_HTTP_REQUEST, EV_PATH, EV_DNS = 1, 2, 3
 EVENT_NAMES: Dict[int, str] = {EV_HTTP_REQUEST: "http_request", EV_PATH: "path", EV_DNS: "dns"}
 
 F_OVERFLOW, F_SAMPLE, F_REQ_SIZE, F_RESP_SIZE = 1, 2, 4, 8
-DNS_QUERY, DNS_RESPONSE, DNS_ANSWERED = 1, 2, 3   # ANSWERED: paired by the kernel (packet path)
+DNS_QUERY, DNS_RESPONSE, DNS_ANSWERED, DNS_ASKED = 1, 2, 3, 4   # ANSWERED: paired by the kernel (packet path);
+# ASKED: a query waiting in the kernel, sent only while the tap is on (packet path)
 
 # enum ml_l7_counter, in order.
 COUNTER_NAMES = [
@@ -126,6 +127,9 @@ class MlHttpEvent(ctypes.Structure):
         ("duration_ns", ctypes.c_uint64),
         ("req_body", ctypes.c_uint64),
         ("resp_body", ctypes.c_uint64),
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("_pad0", ctypes.c_uint8 * 6),
     ]
 
 
@@ -155,6 +159,9 @@ class MlDnsEvent(ctypes.Structure):
         ("dir", ctypes.c_uint8),
         ("_pad0", ctypes.c_uint8 * 3),
         ("comm", ctypes.c_char * ML_L7_COMM_LEN),
+        ("client_addr", ctypes.c_uint8 * 16),
+        ("client_port", ctypes.c_uint16),
+        ("_pad1", ctypes.c_uint8 * 6),
         ("payload", ctypes.c_uint8 * ML_DNS_MAX),
     ]
 

@@ -36,6 +36,8 @@ class ConnEvent:
     duration_s: float = 0.0
     connect_latency_s: float = 0.0
     reason: str = ""     # connect_fail: refused, timeout, unreachable, aborted, other
+    rtt_s: float = 0.0   # the socket's smoothed RTT (tcp_sock.srtt_us): open = the handshake's
+                         # sample (either end), close = srtt at close; 0 where the kernel had none
 
 
 class RollupSink(Protocol):

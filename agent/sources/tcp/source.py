@@ -311,6 +311,7 @@ class TcpSource(ObjectSource):
             duration_s=v[_E["duration_ns"]] / 1e9,
             connect_latency_s=v[_E["delta.connect_ns"]] / 1e9 if v[_E["delta.flags"]] & D_CONNECT else 0.0,
             reason=FAIL_REASONS[fail - 1] if 0 < fail <= len(FAIL_REASONS) else "",
+            rtt_s=v[_E["delta.rtt_us"]] / 1e6,
         )
 
     # ---- sweeps --------------------------------------------------------------------------
