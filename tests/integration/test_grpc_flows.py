@@ -194,9 +194,13 @@ def test_dns_flows_equal_dnsmasq_log_and_unanswered_ones_time_out(env: Env) -> N
         assert got == want
         assert collections.Counter((x.l7.dns.qtype, x.l7.dns.rcode) for x in answers()) == {
             ("A", "NoError"): 13, ("AAAA", "NoError"): 7, ("AAAA", "NXDomain"): 1, ("A", "NXDomain"): 2}
-        by_port = {q["port"]: q for q in asked}
+        # one socket per query, but the kernel may hand two of them the same ephemeral port:
+        # a flow is matched to its query by the client's port, name, type and the message id
+        by_query = collections.defaultdict(list)
+        for q in asked:
+            by_query[(q["port"], q["name"] + ".", q["qtype"], q["id"])].append(q)
         for x in answers():
-            q = by_port[x.destination.port]
+            (q,) = by_query[(x.destination.port, x.l7.dns.query, x.l7.dns.qtype, x.l7.dns.id)]
             assert x.is_reply and x.traffic_direction == pb.EGRESS and x.node_name == NODE
             assert (x.source.pod_name, x.source.namespace, x.source.ip, x.source.port) == (
                 env.dns_pod, NAMESPACE, env.dns.ipv4, 53)
