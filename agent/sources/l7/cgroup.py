@@ -99,20 +99,19 @@ class CgroupHttpSource(PacketHttpSource):
     def _load(self) -> bpf.BpfObject:
         """The object with SOCK_PROGRAM, or without it if the kernel refuses it (sk_storage or
         the current-task helpers in cgroup/sock_create): packets are still parsed, unnamed."""
-        self._with_sock = self._with_iter = True
-        try:
-            obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
-            return obj
-        except BpfError as exc:
-            self.old_socks_refused = f"load refused ({exc.strerror or exc})"
-            log.warning("l7: iterators refused, sockets older than the agent name no process: %s", exc)
-        self._with_iter = False
-        try:
-            obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
-            return obj
-        except BpfError as exc:
-            self.sock_refused = f"load refused ({exc.strerror or exc})"
-            log.warning("l7: cgroup/sock_create refused, series from cgroup_skb name no process: %s", exc)
+        # (sock_create + the start-up iterators), then without the iterators, then packets alone
+        for with_sock, with_iter in ((True, True), (True, False)):
+            self._with_sock, self._with_iter = with_sock, with_iter
+            try:
+                obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
+                return obj
+            except BpfError as exc:
+                if with_iter:
+                    self.old_socks_refused = f"load refused ({exc.strerror or exc})"
+                    log.warning("l7: iterators refused, sockets older than the agent name no process: %s", exc)
+                else:
+                    self.sock_refused = f"load refused ({exc.strerror or exc})"
+                    log.warning("l7: cgroup/sock_create refused, series from cgroup_skb name no process: %s", exc)
         self._with_sock = False
         obj, _ = load_with_fallback(bpf.object_path("l7cg"), (), self.features, self._configure)
         return obj
@@ -164,7 +163,8 @@ class CgroupHttpSource(PacketHttpSource):
         try:
             read_iter(attach_iter(self.obj, OWNERS_PROGRAM))
             link = attach_iter(self.obj, OLD_SOCKS_PROGRAM)
-            out, missed = in_each(NetnsDirectory().scan(), NetnsDirectory().own, lambda: read_iter(link))
+            netns = NetnsDirectory()
+            out, missed = in_each(netns.scan(), netns.own, lambda: read_iter(link))
         except (BpfError, OSError) as exc:
             self.old_socks_refused = f"not run ({getattr(exc, 'strerror', None) or exc})"
             log.warning("l7: sockets older than the agent not named (iterators: %s)", exc)
